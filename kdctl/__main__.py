@@ -1,0 +1,4 @@
+from kdctl.cli import main
+
+if __name__ == "__main__":
+    main()

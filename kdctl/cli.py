@@ -1,0 +1,226 @@
+"""The ``kdctl`` command line: a thin Typer shell over the library.
+
+Every command imports its library code (and with it torch / transformers) inside its body, so ``kdctl --help``
+and ``kdctl COMMAND --help`` stay instant. User errors (:class:`kdctl.errors.KdctlError`) print one line
+prefixed with ``error:`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdctl.errors import KdctlError
+
+app = typer.Typer(
+    name="kdctl",
+    help="Distil object-detector checkpoints (torchvision CNN detectors, transformers DETRs) into smaller students.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SPEC_HELP = (
+    "Model spec: hub id (user/name[@rev]), local dir (transformers or kdctl), run dir, "
+    "torchvision:NAME[:WEIGHTS] or a preset (detr-r18, fasterrcnn-r18-fpn, ...)."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kdctl import __version__
+
+        typer.echo(f"kdctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Distil object-detector checkpoints into smaller, faster students."""
+
+
+# --------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(
+    spec: Annotated[str, typer.Argument(help=SPEC_HELP)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow transformers checkpoints that ship their own code.")
+    ] = False,
+) -> None:
+    """Show a model's family, class, size, labels, input size and the KD methods it can take part in."""
+    from kdctl.commands import inspect_model
+
+    inspect_model(spec, as_json=json_out, trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    model: Annotated[str | None, typer.Option("--model", "-m", help=SPEC_HELP)] = None,
+    data: Annotated[Path | None, typer.Option(help="COCO dataset folder.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "val",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    imgsz: Annotated[int | None, typer.Option(min=32, help="Longer image side (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
+    label_map: Annotated[
+        Path | None, typer.Option(help="JSON {dataset class name: model label name} overriding name matching.")
+    ] = None,
+    val_ann: Annotated[Path | None, typer.Option(help="Annotation file overriding the dataset layout.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Image folder overriding the dataset layout.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Score this COCO results JSON instead of running a model.")
+    ] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Ground truth for --predictions.")] = None,
+    output: Annotated[Path, typer.Option(help="Runs folder (results go to OUTPUT/eval/NAME).")] = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="Run name (auto-numbered).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow checkpoints with their own code.")] = False,
+) -> None:
+    """COCO bbox mAP of a model on a dataset split, or of an existing results file (--predictions)."""
+    from kdctl.commands import eval_model, eval_predictions
+
+    if predictions is not None or annotations is not None:
+        if predictions is None or annotations is None:
+            raise KdctlError("--predictions and --annotations go together")
+        eval_predictions(predictions, annotations, json_out=json_out)
+        return
+    if model is None:
+        raise KdctlError("pass --model SPEC (or --predictions FILE --annotations FILE)")
+    eval_model(
+        model, data=data, split=split, batch_size=batch_size, imgsz=imgsz, device=device, workers=workers,
+        json_out=json_out, label_map=label_map, ann=val_ann, images=images, output=output, name=name,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+# --------------------------------------------------------------------------- train / distill
+Opt = typer.Option
+Data = Annotated[Path | None, Opt(help="COCO dataset folder (DIR/{train,val}.json + DIR/images, or the official layout).")]
+Epochs = Annotated[int | None, Opt(min=1, help="Epochs (default: the recipe's).")]
+MaxSteps = Annotated[int | None, Opt(min=1, help="Stop after this many optimiser steps (overrides --epochs).")]
+BatchSize = Annotated[int | None, Opt(min=1, help="Global batch size, split over processes (default: recipe).")]
+Imgsz = Annotated[int | None, Opt(min=32, help="Longer image side in pixels (default: recipe / model).")]
+Lr = Annotated[float | None, Opt(help="Learning rate (default: the recipe's, scaled with the batch size).")]
+Device = Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N.")]
+Seed = Annotated[int | None, Opt(help="Random seed.")]
+Workers = Annotated[int | None, Opt(min=0, help="DataLoader worker processes.")]
+GradAccum = Annotated[int | None, Opt(min=1, help="Micro-batches per optimiser step.")]
+Amp = Annotated[str | None, Opt(help="Mixed precision: auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off.")]
+EvalEvery = Annotated[int | None, Opt(min=1, help="Evaluate every N epochs (and always at the end).")]
+LogEvery = Annotated[int | None, Opt(min=1, help="Log every N steps.")]
+Name = Annotated[str | None, Opt(help="Run name under OUTPUT/TASK (auto-numbered: exp, exp2, ...).")]
+Output = Annotated[Path | None, Opt(help="Runs folder (default runs/).")]
+Recipe = Annotated[str | None, Opt(help="Recipe preset (cnn, retinanet, detr, ...; default: by architecture).")]
+Resume = Annotated[Path | None, Opt(help="Continue this run directory from its last checkpoint.")]
+Quiet = Annotated[bool, Opt("--quiet", "-q", help="Print only errors and the final table.")]
+NoPretrained = Annotated[
+    bool, Opt("--no-pretrained-backbone", help="Do not download ImageNet backbone weights for preset models.")
+]
+LabelMap = Annotated[Path | None, Opt(help="JSON {dataset class name: model label name}.")]
+TrainAnn = Annotated[Path | None, Opt(help="Training annotation file (overrides the layout).")]
+ValAnn = Annotated[Path | None, Opt(help="Validation annotation file (overrides the layout).")]
+Images = Annotated[Path | None, Opt(help="Image folder (overrides the layout).")]
+Trust = Annotated[bool, Opt(help="Allow transformers checkpoints that ship their own code.")]
+
+
+def _run(task: str, opts: dict) -> None:
+    from kdctl.commands import run_training
+
+    run_training(task, opts)
+
+
+@app.command()
+def train(
+    model: Annotated[str | None, Opt("--model", "-m", help=SPEC_HELP)] = None,
+    data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
+    grad_accum: GradAccum = None, amp: Amp = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
+    name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
+    no_pretrained_backbone: NoPretrained = False, label_map: LabelMap = None, train_ann: TrainAnn = None,
+    val_ann: ValAnn = None, images: Images = None, trust_remote_code: Trust = False,
+) -> None:
+    """Train or fine-tune a detector without KD (a teacher for your data, or the non-distilled baseline)."""
+    _run("train", locals())
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str | None, Opt("--teacher", "-t", help="Teacher: " + SPEC_HELP)] = None,
+    student: Annotated[str | None, Opt("--student", "-s", help="Student: " + SPEC_HELP)] = None,
+    method: Annotated[str | None, Opt(help="auto (by architectures), drkd, kd-detr or none.")] = None,
+    data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
+    grad_accum: GradAccum = None, amp: Amp = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
+    name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
+    no_pretrained_backbone: NoPretrained = False, label_map: LabelMap = None, train_ann: TrainAnn = None,
+    val_ann: ValAnn = None, images: Images = None, trust_remote_code: Trust = False,
+) -> None:
+    """Distil a teacher into a student: student detection loss + the KD loss of the auto-chosen method."""
+    _run("distill", locals())
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, Opt(help="Folder for the dataset and the three runs.")] = Path("runs/quickstart"),
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Generate a synthetic dataset, train a teacher and a student, distil the student, compare the three APs."""
+    from kdctl.quickstart import quickstart as run
+
+    run(output, device=device, quiet=quiet)
+
+
+# --------------------------------------------------------------------------- data
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (must not hold a dataset already).")],
+    images: Annotated[int, typer.Option("--images", "-n", min=1, help="Number of images.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write a deterministic synthetic COCO dataset of coloured shapes (train/val/test)."""
+    from kdctl.commands import synth_data
+
+    synth_data(out, images=images, seed=seed)
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[Path, typer.Argument(help="COCO dataset folder.")],
+    split: Annotated[str | None, typer.Option(help="Only this split (default: every split present).")] = None,
+) -> None:
+    """Validate a COCO dataset folder and print its statistics (exit 2 on a fatal problem)."""
+    from kdctl.commands import check_data
+
+    check_data(data, split=split)
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the Typer app, turning KdctlError into one line and exit code 2."""
+    try:
+        app(args=argv, prog_name="kdctl")
+    except KdctlError as e:
+        msg = str(e)
+        first, *rest = msg.splitlines() or [""]
+        sys.stderr.write(f"error: {first}\n" + "".join(f"{line}\n" for line in rest))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

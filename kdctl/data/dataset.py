@@ -1,0 +1,106 @@
+"""A torch Dataset over a validated COCO split, and the DataLoader kdctl trains and evaluates with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from kdctl.data.batch import collate
+from kdctl.data.coco import CocoData
+from kdctl.data.transforms import build_transforms
+from kdctl.errors import KdctlError
+
+
+class CocoDetection(Dataset):
+    """Items are ``(image float32 [3, h, w] in [0, 1], target)`` after the v2 transforms.
+
+    ``target``: ``boxes`` float32 [K, 4] xyxy in the resized frame, ``labels`` int64 [K] dataset class
+    indices, ``image_id`` int, ``orig_size`` (h, w) of the file. Crowd annotations are not training targets.
+    """
+
+    def __init__(self, data: CocoData, imgsz: int, train: bool, hflip: float = 0.5) -> None:
+        self.data = data
+        self.imgsz = imgsz
+        self.train = train
+        self.transforms = build_transforms(imgsz, train=train, hflip=hflip)
+        self._cls = data.class_index()
+
+    def __len__(self) -> int:
+        return len(self.data.images)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """uint8 [3, H, W] RGB of image ``index`` (a corrupt file is a KdctlError)."""
+        im = self.data.images[index]
+        path = self.data.image_dir / im["file_name"]
+        try:
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except Exception as e:  # decode errors from torchvision.io
+            raise KdctlError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from e
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``index`` or ``(index, seed)``: with a seed (from :class:`kdctl.engine.sampler.ResumableSampler`) the
+        random augmentation of this sample is a function of the seed alone, whatever worker loads it, which
+        makes training resumable bit for bit."""
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
+        if seed is None:
+            return self._load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._load(index)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        im = self.data.images[index]
+        img = self.load_image(index)
+        H, W = img.shape[-2:]
+        anns = [a for a in self.data.anns_by_image.get(im["id"], []) if not a.get("iscrowd", 0)]
+        # Annotation coordinates are in the frame width x height of the JSON; rescale if the file differs.
+        sx, sy = W / float(im["width"]), H / float(im["height"])
+        boxes = torch.tensor(
+            [[a["bbox"][0] * sx, a["bbox"][1] * sy, (a["bbox"][0] + a["bbox"][2]) * sx, (a["bbox"][1] + a["bbox"][3]) * sy]
+             for a in anns],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
+        labels = torch.tensor([self._cls[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
+            "labels": labels,
+        }
+        img, target = self.transforms(tv_tensors.Image(img), target)
+        return img.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor),
+            "labels": target["labels"],
+            "image_id": im["id"],
+            "orig_size": (int(im["height"]), int(im["width"])),
+        }
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    workers: int = 0,
+    generator: torch.Generator | None = None,
+    sampler: torch.utils.data.Sampler | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader that collates into :class:`kdctl.data.batch.Batch`."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=generator,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+    )

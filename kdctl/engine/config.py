@@ -1,0 +1,213 @@
+"""Run configuration: CLI options over a resumed run's config over the recipe preset over defaults.
+
+Everything a run needs to be resumed is written to ``config.toml`` in its run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kdctl._compat import tomllib
+from kdctl.errors import KdctlError
+
+DEFAULT_OPTIM: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "lr_batch_size": 16,
+    "lr_scaling": "none",
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "backbone_lr_mult": 1.0,
+    "warmup_steps": 0,
+    "warmup_factor": 1.0,
+    "milestones": [],
+    "gamma": 0.1,
+    "clip_grad": 0.0,
+}
+
+
+@dataclass
+class RunConfig:
+    """Every resolved option of a ``kdctl train`` / ``kdctl distill`` run."""
+
+    task: str = "train"  # "train" or "distill"
+    model: str | None = None  # the model trained (train) or the student (distill)
+    teacher: str | None = None
+    method: str = "auto"
+    data: str | None = None
+    train_ann: str | None = None
+    val_ann: str | None = None
+    images: str | None = None
+    label_map: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    imgsz: int | None = None
+    lr: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    grad_accum: int = 1
+    amp: str = "auto"
+    eval_every: int = 1
+    log_every: int = 10
+    name: str | None = None
+    output: str = "runs"
+    recipe: str | None = None
+    quiet: bool = False
+    pretrained_backbone: bool = True
+    trust_remote_code: bool = False
+    hflip: float = 0.5
+    optim: dict[str, Any] = field(default_factory=dict)
+    kd: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise KdctlError(f"config has unknown option(s): {', '.join(sorted(unknown))}")
+        return cls(**copy.deepcopy(d))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe preset, with its ``base`` recipe merged underneath."""
+    from kdctl.specs import read_preset
+
+    r = read_preset(name, "recipes")
+    base = r.pop("base", None)
+    if base:
+        merged = load_recipe(base)
+        _deep_update(merged, r)
+        return merged
+    return r
+
+
+def default_recipe_name(architecture: str, family: str) -> str:
+    """Recipe picked when --recipe is not given: by detector type, then by family."""
+    from kdctl.specs import list_presets
+
+    have = list_presets("recipes")
+    arch = architecture.lower()
+    for key in ("retinanet", "fcos", "fasterrcnn"):
+        if key in arch and key in have:
+            return key
+    if ("retinanet" in arch or "fcos" in arch) and "retinanet" in have:
+        return "retinanet"
+    return family if family in have else "cnn"
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def apply_recipe(cfg: RunConfig, recipe: dict[str, Any]) -> RunConfig:
+    """Fill the options the user left unset from the recipe (train table, optimiser, KD weights)."""
+    train = recipe.get("train", {})
+    for key in ("epochs", "batch_size", "imgsz"):
+        if getattr(cfg, key) is None and key in train:
+            setattr(cfg, key, train[key])
+    optim = dict(DEFAULT_OPTIM)
+    optim.update(recipe.get("optim", {}))
+    optim.update(cfg.optim)  # explicit values (e.g. from a resumed config) win
+    cfg.optim = optim
+    kd = copy.deepcopy(recipe.get("kd", {}))
+    _deep_update(kd, cfg.kd)
+    cfg.kd = kd
+    return cfg
+
+
+def effective_lr(cfg: RunConfig) -> float:
+    """--lr as given, else the recipe lr, scaled linearly by the global batch when the recipe says so.
+
+    ``cfg.batch_size`` is the global batch (all processes); ``grad_accum`` multiplies it per optimiser step."""
+    if cfg.lr is not None:
+        return float(cfg.lr)
+    o = cfg.optim
+    lr = float(o["lr"])
+    if o.get("lr_scaling") == "linear":
+        lr *= (cfg.batch_size or 1) * cfg.grad_accum / float(o.get("lr_batch_size", 16))
+    return lr
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, warmup_factor: float, milestones: list[float], gamma: float):
+    """Multiplier of the base lr at optimizer step s: linear warm-up, then step decay at fractions of training."""
+    warm = min(int(warmup_steps), max(1, total_steps // 3)) if warmup_steps else 0
+    bounds = sorted(int(math.floor(m * total_steps)) for m in milestones)
+
+    def f(step: int) -> float:
+        mult = 1.0
+        if warm and step < warm:
+            alpha = step / warm
+            mult = warmup_factor * (1 - alpha) + alpha
+        return mult * gamma ** sum(step >= b for b in bounds)
+
+    return f
+
+
+# --------------------------------------------------------------------------- TOML
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(d: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for nested dicts of scalars and lists (None values are left out)."""
+    lines, tables = [], []
+    for k, v in d.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in tables:
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        body = to_toml(v, name)
+        out += f"\n[{name}]\n{body}"
+    return out
+
+
+def write_config(path: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:
+    from kdctl.engine.checkpoint import atomic_write_text
+
+    d = cfg.to_dict()
+    if extra:
+        d["resolved"] = extra
+    atomic_write_text(path, "# kdctl run configuration: `kdctl <task> --resume RUN_DIR` continues from it\n"
+                      + to_toml(d))
+
+
+def read_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
+    try:
+        d = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise KdctlError(f"{path} does not exist (not a kdctl run directory)") from e
+    except tomllib.TOMLDecodeError as e:
+        raise KdctlError(f"{path}: corrupt run config ({e})") from e
+    extra = d.pop("resolved", {})
+    return RunConfig.from_dict(d), extra

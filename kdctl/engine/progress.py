@@ -1,0 +1,152 @@
+"""Progress reporting with rich: a per-epoch bar on a terminal, plain log lines otherwise, nothing with --quiet.
+
+Also the metrics log (``metrics.jsonl``) and the PNG plot of losses and AP over training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def fmt_terms(terms: dict[str, float], limit: int = 8) -> str:
+    items = list(terms.items())[:limit]
+    return " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in items)
+
+
+class Reporter:
+    """Prints progress on rank 0. ``enabled`` False (other ranks, --quiet) prints nothing but errors."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(highlight=False)
+        self.live = self.enabled and self.console.is_terminal
+        self._progress: Progress | None = None
+        self._task = None
+
+    def print(self, *args: Any, **kw: Any) -> None:
+        if self.enabled:
+            self.console.print(*args, **kw)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        if not self.live:
+            return
+        self.end_epoch()
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.console, transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=done, speed="", info="")
+
+    def update(self, done: int, total: int, epoch: int, epochs: int, step: int, speed: float,
+               terms: dict[str, float], extra: str = "") -> None:
+        if not self.enabled:
+            return
+        info = fmt_terms(terms) + (f" {extra}" if extra else "")
+        if self.live and self._progress is not None:
+            self._progress.update(self._task, completed=done, speed=f"{speed:.2f} it/s", info=info)
+        else:  # plain lines (stdout is not a terminal); the trainer calls this every --log-every steps
+            eta = (total - done) / speed if speed > 0 else 0
+            self.console.print(
+                f"epoch {epoch + 1}/{epochs} batch {done}/{total} step {step} {speed:.2f} it/s "
+                f"ETA {eta:.0f}s {info}", soft_wrap=True,
+            )
+
+    def end_epoch(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None:
+        if not self.enabled:
+            return
+        t = Table(title=title, show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for k, v in rows:
+            t.add_row(k, v)
+        self.console.print(t)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per logging step and per evaluation."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint's step (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in self.rows() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def plot(metrics: MetricsLog, out: Path) -> Path | None:
+    """Losses (left) and AP (right) against the optimiser step, as a PNG."""
+    rows = metrics.rows()
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("type") == "train"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    meta = {"type", "step", "epoch", "lr", "time_per_step", "gpu_mem_gb"}
+    keys = [k for k in (train[-1] if train else {}) if k not in meta and isinstance(train[-1][k], (int, float))]
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))]
+        if pts:
+            a.plot(*zip(*pts, strict=True), label=k, lw=1.2 if k == "loss" else 0.8)
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.set_yscale("log" if all(r.get("loss", 1) > 0 for r in train) else "linear")
+    if keys:
+        a.legend(fontsize=7)
+    a.set_title("training losses")
+    for k in ("AP", "AP50", "AP75"):
+        pts = [(r["step"], 100 * r[k]) for r in evals if isinstance(r.get(k), (int, float))]
+        if pts:
+            b.plot(*zip(*pts, strict=True), marker="o", label=k)
+    b.set_xlabel("step")
+    b.set_ylabel("AP (%)")
+    b.set_title("validation")
+    if evals:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

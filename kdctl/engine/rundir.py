@@ -1,0 +1,49 @@
+"""Run directories: ``OUTPUT/TASK/NAME``, auto-numbered like Ultralytics (exp, exp2, exp3, ...)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def new_run_dir(output: str | Path, task: str, name: str | None = None) -> Path:
+    """Create and return a fresh ``output/task/name`` directory; never reuses an existing one.
+
+    ``name`` defaults to "exp"; when ``output/task/name`` exists, the first free ``name2``, ``name3``... is used.
+    """
+    base = Path(output).expanduser() / task
+    base.mkdir(parents=True, exist_ok=True)
+    stem = name or "exp"
+    candidate, n = base / stem, 2
+    while True:
+        try:
+            os.mkdir(candidate)  # atomic: two processes never get the same directory
+            return candidate
+        except FileExistsError:
+            candidate = base / f"{stem}{n}"
+            n += 1
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; checks that a requested CUDA device exists."""
+    import torch
+
+    from kdctl.errors import KdctlError
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise KdctlError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= torch.cuda.device_count():
+            raise KdctlError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise KdctlError("--device mps: MPS is not available on this machine")
+        return device
+    if device != "cpu":
+        raise KdctlError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device

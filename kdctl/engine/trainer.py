@@ -1,0 +1,539 @@
+"""The one training loop behind ``kdctl train`` (supervised) and ``kdctl distill`` (student + KD loss).
+
+Per optimiser step (``grad_accum`` micro-batches)::
+
+    batch -> student.forward_train (losses + taps) ─┐
+          -> distiller.teacher_taps (no_grad) ──────┴─> distiller terms ─> sum ─> backward ─> clip ─> step
+
+Exact resume: the data order of an epoch is a function of (seed, epoch), each sample's augmentation a function of
+its own seed (:mod:`kdctl.engine.sampler`), and the checkpoint holds every RNG state as of the last optimiser
+step, so a run stopped after k steps and resumed ends bit for bit where an uninterrupted run ends (on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdctl.data.batch import Batch
+from kdctl.engine import distributed as D
+from kdctl.engine.checkpoint import (
+    checkpoint_dir,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kdctl.engine.config import (
+    RunConfig,
+    apply_recipe,
+    default_recipe_name,
+    effective_lr,
+    load_recipe,
+    lr_lambda,
+    read_config,
+    write_config,
+)
+from kdctl.engine.progress import MetricsLog, Reporter, plot
+from kdctl.errors import KdctlError
+
+MAX_NONFINITE = 5
+"""Consecutive non-finite losses after which a run stops."""
+
+
+class Objective(nn.Module):
+    """Student (+ distiller) as one module, so DDP sees every trainable parameter.
+
+    ``forward(batch)`` -> dict of scalar loss terms (detection terms, then ``kd_*`` terms).
+    """
+
+    def __init__(self, student: nn.Module, distiller: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.distiller = distiller
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        out = self.student.forward_train(batch)
+        terms = dict(out.losses)
+        if self.distiller is not None:
+            t_taps = self.distiller.teacher_taps(batch)
+            terms.update(self.distiller(out, t_taps, batch))
+        return terms
+
+
+@dataclass
+class Position:
+    """Where the loop is: optimiser steps done, epoch, micro-batches of that epoch consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_ap: float = -1.0
+    steps: int = 0
+    seconds: float = 0.0
+    step_time: float = 0.0
+    peak_memory_mb: float = 0.0
+    interrupted: bool = False
+    method: str = "none"
+
+
+def amp_dtype(amp: str, device: str) -> torch.dtype | None:
+    """--amp auto|bf16|fp16|off -> autocast dtype (None = full precision). auto: bf16 on CUDA if supported."""
+    amp = amp.lower()
+    if amp == "off" or (amp == "auto" and not device.startswith("cuda")):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if not device.startswith("cuda"):
+            raise KdctlError("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
+        return torch.float16
+    raise KdctlError(f"--amp {amp!r}: use auto, bf16, fp16 or off")
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """Build everything from a RunConfig (or a run directory to resume) and run the loop.
+
+    ``on_step(trainer)`` is called after every optimiser step (tests use it to interrupt a run).
+    """
+
+    def __init__(self, cfg: RunConfig | None = None, *, resume: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None, on_step: Callable[[Trainer], None] | None = None,
+                 reporter: Reporter | None = None) -> None:
+        self.on_step = on_step
+        self.resume_from: Path | None = None
+        if resume is not None:
+            run = Path(resume).expanduser()
+            cfg, _ = read_config(run / "config.toml")
+            for k, v in (overrides or {}).items():
+                setattr(cfg, k, v)
+            self.resume_from = run
+        elif cfg is None:
+            raise ValueError("a RunConfig or a run directory to resume is needed")
+        self.cfg = cfg
+        self._reporter = reporter
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from kdctl.commands import open_split
+        from kdctl.data.coco import check_same_classes, load_label_map
+        from kdctl.data.dataset import CocoDetection, make_loader
+        from kdctl.distill.base import choose_method, distiller_class
+        from kdctl.engine.rundir import new_run_dir, resolve_device
+        from kdctl.engine.sampler import ResumableSampler
+        from kdctl.specs import load_detector, resolve
+
+        cfg = self.cfg
+        if cfg.model is None:
+            raise KdctlError("no model: pass --model SPEC (train) or --student SPEC (distill)")
+        if cfg.grad_accum < 1:
+            raise KdctlError("--grad-accum must be >= 1")
+        device = resolve_device(cfg.device)
+        self.dist = D.setup(device)
+        if self.dist.enabled and device.startswith("cuda"):
+            device = f"cuda:{self.dist.local_rank}"
+        self.device = device
+        main = self.dist.is_main
+        self.report = self._reporter or Reporter(enabled=main and not cfg.quiet)
+        torch.manual_seed(cfg.seed)
+
+        # data first: a broken dataset fails before anything heavy is loaded
+        train_split = "train"
+        self.train_data = open_split(cfg.data, train_split, ann=cfg.train_ann, images=cfg.images)
+        self.val_data = open_split(cfg.data, "val", ann=cfg.val_ann, images=cfg.images)
+        check_same_classes(self.train_data, self.val_data)
+        names = self.train_data.names
+        label_map = load_label_map(cfg.label_map)
+
+        # method choice before loading weights: an unsupported pair is refused at once
+        student_r = resolve(cfg.model)
+        self.method = "none"
+        teacher_r = None
+        if cfg.task == "distill":
+            if cfg.teacher is None:
+                raise KdctlError("distill needs --teacher SPEC")
+            teacher_r = resolve(cfg.teacher)
+            self.method = choose_method(cfg.method, teacher_r.family, student_r.family, teacher_r.architecture or
+                                        teacher_r.spec, student_r.architecture or student_r.spec)
+        self.teacher = None
+        dist_cls = None
+        student_names, student_over = list(names), {}
+        if teacher_r is not None:
+            self.teacher = load_detector(teacher_r, pretrained_backbone=False, trust_remote_code=cfg.trust_remote_code)
+            self.teacher.set_classes(names, label_map)
+            self.teacher.eval().requires_grad_(False).to(device)
+            if self.method != "none":
+                dist_cls = distiller_class(self.method)
+                student_names, student_over = dist_cls.student_setup(self.teacher, names)
+
+        # recipe (per student detector type), then the student
+        recipe_name = cfg.recipe or default_recipe_name(student_r.architecture or student_r.spec, student_r.family)
+        apply_recipe(cfg, load_recipe(recipe_name))
+        cfg.recipe = recipe_name
+        last = checkpoint_dir(self.resume_from, "last") if self.resume_from else None
+        if self.resume_from is not None and last is None:
+            raise KdctlError(f"{self.resume_from}: no last/ checkpoint to resume from")
+        student_src = str(last) if last is not None else student_r
+        self.student = load_detector(student_src, label_names=student_names, pretrained_backbone=cfg.pretrained_backbone,
+                                     trust_remote_code=cfg.trust_remote_code, overrides=student_over)
+        self.student.set_classes(names, label_map)
+        self.student.to(device).train()
+        cfg.imgsz = cfg.imgsz or self.student.imgsz
+        cfg.batch_size = cfg.batch_size or 8
+        if cfg.batch_size % self.dist.world:
+            raise KdctlError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world} processes")
+        self.distiller = None
+        if dist_cls is not None:
+            self.distiller = dist_cls(self.teacher, self.student, **cfg.kd.get(self.method, {})).to(device)
+
+        # data loaders: a per-rank share of the global batch; augmentation seeded per sample
+        per_rank = cfg.batch_size // self.dist.world
+        self.train_set = CocoDetection(self.train_data, cfg.imgsz, train=True, hflip=cfg.hflip)
+        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.seed, rank=self.dist.rank, world=self.dist.world)
+        pin = device.startswith("cuda")
+        # the loaders get their own generators: creating an iterator must not consume the global RNG (exact resume)
+        self.loader = make_loader(self.train_set, per_rank, shuffle=False, sampler=self.sampler, workers=cfg.workers,
+                                  pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed))
+        self.val_set = CocoDetection(self.val_data, cfg.imgsz, train=False)
+        self.val_sampler = ResumableSampler(len(self.val_set), shuffle=False, rank=self.dist.rank,
+                                            world=self.dist.world)
+        self.val_loader = make_loader(self.val_set, per_rank, shuffle=False, sampler=self.val_sampler,
+                                      workers=cfg.workers, pin_memory=pin, generator=torch.Generator().manual_seed(0))
+        self.batches_per_epoch = math.ceil(self.sampler.per_rank() / per_rank)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
+        if cfg.max_steps is None and cfg.epochs is None:
+            cfg.epochs = 12
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        # model, optimiser, schedule, AMP
+        self.objective = Objective(self.student, self.distiller)
+        self.model: nn.Module = self.objective
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            self.model = DDP(self.objective, device_ids=ids, find_unused_parameters=True)
+        self.lr = effective_lr(cfg)
+        self.optimizer = self._optimizer()
+        o = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, o["warmup_steps"], o["warmup_factor"], o["milestones"],
+                                      o["gamma"]))
+        self.amp = amp_dtype(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+
+        # run directory
+        self.pos = Position()
+        self.best_ap = -1.0
+        self.nonfinite = 0
+        if self.resume_from is not None:
+            self.run_dir = self.resume_from
+            self._load_state(load_trainer_state(last))
+        elif main:
+            self.run_dir = new_run_dir(cfg.output, cfg.task, cfg.name)
+        else:
+            self.run_dir = Path(cfg.output) / cfg.task / "_rank"
+        if self.dist.enabled:  # every rank learns rank 0's directory
+            self.run_dir = Path(D.gather_objects(str(self.run_dir), self.dist)[0])
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main)
+        if self.resume_from is not None:
+            self.metrics.truncate_after(self.pos.step)
+        if main:
+            write_config(self.run_dir / "config.toml", cfg, {
+                "method": self.method, "lr": self.lr, "device": device, "world_size": self.dist.world,
+                "amp": str(self.amp).removeprefix("torch.") if self.amp else "off",
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "student": self.student.architecture, "teacher": self.teacher.architecture if self.teacher else "",
+                "classes": list(names),
+            })
+        if self.teacher is not None:
+            self.report.print(f"method: {self.method} (teacher {self.teacher.architecture} -> student "
+                              f"{self.student.architecture})")
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        backbone, other = [], []
+        for n, p in self.student.named_parameters():
+            if p.requires_grad:
+                (backbone if "backbone" in n and "fpn" not in n else other).append(p)
+        groups = [{"params": other, "lr": self.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.lr * float(o.get("backbone_lr_mult", 1.0))})
+        if self.distiller is not None:
+            kd_params = [p for p in self.distiller.parameters() if p.requires_grad]
+            if kd_params:
+                groups.append({"params": kd_params, "lr": self.lr})
+        name = str(o["optimizer"]).lower()
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=float(o["momentum"]),
+                                   weight_decay=float(o["weight_decay"]))
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=self.lr, weight_decay=float(o["weight_decay"]))
+        raise KdctlError(f"recipe optimizer {name!r}: use sgd or adamw")
+
+    # ------------------------------------------------------------------ state
+    def _state(self, pos: Position, rng: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "distiller": self.distiller.state_dict() if self.distiller is not None else {},
+            "rng": rng,
+            "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
+            "best_ap": self.best_ap, "nonfinite": self.nonfinite,
+        }
+
+    def _load_state(self, s: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.distiller is not None and s.get("distiller"):
+            self.distiller.load_state_dict(s["distiller"])
+        self.pos = Position(step=int(s["step"]), epoch=int(s["epoch"]), batch=int(s["batch"]))
+        self.best_ap = float(s.get("best_ap", -1.0))
+        self.nonfinite = int(s.get("nonfinite", 0))
+        self._resume_rng = s["rng"]
+
+    def save_last(self) -> None:
+        """Checkpoint the state as of the last completed optimiser step (rank 0)."""
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / "last", self.student, self._state(self._boundary, self._boundary_rng))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> RunResult:
+        try:
+            self.setup()
+            return self._run()
+        finally:
+            D.teardown()
+
+    def _run(self) -> RunResult:
+        cfg, main = self.cfg, self.dist.is_main
+        if self.resume_from is not None:
+            set_rng_state(self._resume_rng)
+            self.report.print(f"resuming {self.run_dir} at step {self.pos.step} (epoch {self.pos.epoch + 1})")
+        if self.pos.step >= self.total_steps:
+            raise KdctlError(f"{self.run_dir} already reached step {self.pos.step} of {self.total_steps}; "
+                             "pass a larger --max-steps or --epochs to continue")
+        self._boundary, self._boundary_rng = Position(**vars(self.pos)), rng_state()
+        self.report.print(
+            f"{cfg.task}: {self.student.architecture} ({self.student.num_parameters() / 1e6:.1f} M params) on "
+            f"{self.device}, {len(self.train_set)} train / {len(self.val_set)} val images, imgsz {cfg.imgsz}, "
+            f"batch {cfg.batch_size}, {self.total_steps} steps, lr {self.lr:.3g}, run dir {self.run_dir}")
+        t_start = time.perf_counter()
+        step_times: list[float] = []
+        result = RunResult(run_dir=self.run_dir, method=self.method)
+        last_eval_step = -1
+        window: dict[str, list[float]] = {}
+        try:
+            while self.pos.step < self.total_steps:
+                epoch = self.pos.epoch
+                self.sampler.set_epoch(epoch, start=self.pos.batch * self.loader.batch_size)
+                self.report.start_epoch(epoch, self.epochs, self.batches_per_epoch, self.pos.batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = 0
+                t0 = time.perf_counter()
+                for batch in self.loader:
+                    batch = batch.to(self.device, non_blocking=True)
+                    terms = self._micro_step(batch, window)
+                    micro += 1
+                    self.pos.batch += 1
+                    last_in_epoch = self.pos.batch >= self.batches_per_epoch
+                    if micro < cfg.grad_accum and not last_in_epoch:
+                        continue
+                    micro = 0
+                    self._optimizer_step(terms)
+                    if last_in_epoch:
+                        self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
+                    self._boundary, self._boundary_rng = Position(**vars(self.pos)), rng_state()
+                    dt = time.perf_counter() - t0
+                    step_times.append(dt)
+                    t0 = time.perf_counter()
+                    if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps or last_in_epoch:
+                        self._log(window, dt, epoch)
+                        window = {}
+                    if self.on_step is not None:
+                        self.on_step(self)
+                    if self.pos.step >= self.total_steps or last_in_epoch:
+                        break
+                self.report.end_epoch()
+                epoch_done = self.pos.batch == 0
+                if self.pos.step >= self.total_steps or (epoch_done and (self.pos.epoch % max(1, cfg.eval_every) == 0)):
+                    result.metrics = self._evaluate(final=self.pos.step >= self.total_steps)
+                    last_eval_step = self.pos.step
+                self.save_last()
+        except KeyboardInterrupt:
+            self.report.end_epoch()
+            self.save_last()
+            result.interrupted = True
+            if main:
+                self.report.console.print(
+                    f"interrupted at step {self._boundary.step}; checkpoint saved to {self.run_dir}/last. "
+                    f"Resume with: kdctl {cfg.task} --resume {self.run_dir}")
+            raise
+        if last_eval_step != self.pos.step:
+            result.metrics = self._evaluate(final=True)
+            self.save_last()
+        result.steps = self.pos.step
+        result.seconds = time.perf_counter() - t_start
+        result.step_time = float(torch.tensor(step_times[1:] or step_times or [0.0]).median())
+        result.peak_memory_mb = peak_memory_mb(self.device)
+        result.best_ap = self.best_ap
+        if main:
+            plot(self.metrics, self.run_dir / "results.png")
+            self._final_table(result)
+        return result
+
+    def _micro_step(self, batch: Batch, window: dict[str, list[float]]) -> dict[str, Tensor]:
+        dev_type = torch.device(self.device).type
+        with torch.autocast(dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            terms = self.model(batch)
+        total = sum(terms.values())
+        finite = D.all_true(bool(torch.isfinite(total).item()), self.dist, torch.device(self.device))
+        if not finite:
+            self._skip = True
+            return terms
+        self._skip = getattr(self, "_skip", False)
+        self.scaler.scale(total / self.cfg.grad_accum).backward()
+        for k, v in terms.items():
+            window.setdefault(k, []).append(float(v.detach()))
+        window.setdefault("loss", []).append(float(total.detach()))
+        return terms
+
+    def _optimizer_step(self, terms: dict[str, Tensor]) -> None:
+        skip = getattr(self, "_skip", False)
+        self._skip = False
+        if skip:
+            self.nonfinite += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.report.print(f"[yellow]warning:[/] non-finite loss at step {self.pos.step + 1}; step skipped "
+                              f"({self.nonfinite}/{MAX_NONFINITE} in a row)")
+            if self.nonfinite >= MAX_NONFINITE:
+                raise KdctlError(
+                    f"the loss was non-finite for {MAX_NONFINITE} steps in a row (step {self.pos.step + 1}); "
+                    f"lower --lr, try --amp off, or check the data. Last good checkpoint: {self.run_dir}/last")
+            self.pos.step += 1
+            self.scheduler.step()
+            return
+        self.nonfinite = 0
+        clip = float(self.cfg.optim.get("clip_grad") or 0)
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.pos.step += 1
+
+    def _log(self, window: dict[str, list[float]], dt: float, epoch: int) -> None:
+        avg = {k: sum(v) / len(v) for k, v in window.items() if v}
+        if self.dist.enabled:  # the logged losses are averaged over ranks
+            keys = sorted(avg)
+            t = D.all_reduce_mean(torch.tensor([avg[k] for k in keys], device=self.device, dtype=torch.float64),
+                                  self.dist)
+            avg = dict(zip(keys, t.tolist(), strict=True))
+        row: dict[str, Any] = {"type": "train", "step": self.pos.step, "epoch": epoch + 1,
+                               "lr": self.optimizer.param_groups[0]["lr"], "time_per_step": round(dt, 4)}
+        row.update({k: round(v, 6) for k, v in sorted(avg.items(), key=lambda kv: kv[0] != "loss")})
+        extra = ""
+        if self.device.startswith("cuda"):
+            mem = torch.cuda.max_memory_allocated(torch.device(self.device)) / 2**30
+            row["gpu_mem_gb"] = round(mem, 3)
+            extra = f"mem {mem:.2f}G"
+        self.metrics.write(row)
+        meta = {"type", "step", "epoch", "lr", "time_per_step", "gpu_mem_gb"}
+        shown = {k: v for k, v in row.items() if k not in meta}
+        self.report.update(self.pos.batch or self.batches_per_epoch, self.batches_per_epoch, epoch, self.epochs,
+                           self.pos.step, 1.0 / dt if dt > 0 else 0.0, shown, extra)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, final: bool = False) -> dict[str, float]:
+        from kdctl.engine.evaluate import coco_eval, detections_to_coco
+
+        self.student.eval()
+        results: list[dict] = []
+        dev_type = torch.device(self.device).type
+        t0 = time.perf_counter()
+        seen: set[int] = set()
+        with torch.no_grad():
+            for batch in self.val_loader:
+                batch = batch.to(self.device, non_blocking=True)
+                with torch.autocast(dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    dets = self.student.predict(batch)
+                results += detections_to_coco(dets, batch.image_ids, self.val_data.cat_ids)
+        self.student.train()
+        if self.dist.enabled:  # gather on every rank; padding duplicates are dropped by image id below
+            parts = D.gather_objects(results, self.dist)
+            results = []
+            for rank_results in parts:
+                ids = {r["image_id"] for r in rank_results}
+                results += [r for r in rank_results if r["image_id"] not in seen]
+                seen |= ids
+        metrics, per_class, _ = coco_eval(self.val_data.pycocotools(), results, self.val_data.names,
+                                          self.val_data.cat_ids)
+        secs = time.perf_counter() - t0
+        row = {"type": "eval", "step": self.pos.step, "epoch": self.pos.epoch + (self.pos.batch > 0), **metrics,
+               "per_class": per_class, "eval_seconds": round(secs, 2)}
+        self.metrics.write(row)
+        ap = metrics["AP"]
+        if self.dist.is_main:
+            from kdctl.commands import _write_json
+
+            _write_json(self.run_dir / "eval" / "last.json", row)
+            if final:
+                _write_json(self.run_dir / "eval" / "predictions.json", results)
+            finite = all(torch.isfinite(p).all() for p in self.student.parameters())
+            if ap > self.best_ap and finite:
+                self.best_ap = ap
+                save_checkpoint(self.run_dir / "best", self.student, None)
+                _write_json(self.run_dir / "eval" / "best.json", row)
+            elif not finite:
+                self.report.print("[yellow]warning:[/] non-finite weights: not saved as best")
+            self.report.print(f"eval step {self.pos.step}: AP {100 * ap:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
+                              f"AP75 {100 * metrics['AP75']:.1f}  ({secs:.1f}s)")
+            plot(self.metrics, self.run_dir / "results.png")
+        return metrics
+
+    def _final_table(self, r: RunResult) -> None:
+        m = r.metrics
+        rows = [("run", str(self.run_dir)), ("method", self.method), ("steps", str(r.steps)),
+                ("time", f"{r.seconds:.1f}s ({r.step_time:.3f}s/step median)"),
+                ("peak memory", f"{r.peak_memory_mb:.0f} MB ({'GPU' if self.device.startswith('cuda') else 'RSS'})")]
+        if m:
+            rows += [("AP / AP50 / AP75", f"{100 * m['AP']:.1f} / {100 * m['AP50']:.1f} / {100 * m['AP75']:.1f}"),
+                     ("best AP", f"{100 * max(self.best_ap, 0):.1f}")]
+        rows += [("weights", f"{self.run_dir}/best, {self.run_dir}/last"), ("metrics", f"{self.run_dir}/metrics.jsonl"),
+                 ("plot", f"{self.run_dir}/results.png")]
+        self.report.table(f"kdctl {self.cfg.task} finished", rows)
+
+
+def train(cfg: RunConfig | None = None, *, resume: str | Path | None = None,
+          overrides: dict[str, Any] | None = None, **kw: Any) -> RunResult:
+    """Run ``kdctl train`` / ``kdctl distill`` from a RunConfig, or resume a run directory."""
+    return Trainer(cfg, resume=resume, overrides=overrides, **kw).run()

@@ -1,0 +1,287 @@
+"""The Detector contract shared by every detector family (torchvision CNNs, transformers DETRs).
+
+A Detector wraps the family's own ``nn.Module`` (``self.model``) and speaks kdctl's language:
+
+* input is a :class:`kdctl.data.batch.Batch` (0-1 RGB pixels, resized once for teacher and student alike);
+* labels inside kdctl are *dataset class indices*; each Detector maps them to its own label ids through
+  :meth:`Detector.set_classes`, built from class names;
+* :meth:`forward_train` returns the model's own losses AND the internals ("taps") a KD method needs, from the
+  same single pass; :meth:`forward_taps` returns the taps alone (teacher side, no losses);
+* :meth:`predict` returns xyxy boxes in ORIGINAL image pixels, scores and labels (dataset indices when
+  :meth:`set_classes` was called, else indices into :attr:`label_names`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kdctl.data.batch import Batch
+from kdctl.errors import KdctlError
+
+KDCTL_CONFIG = "kdctl.json"
+"""Name of the small JSON file that kdctl writes next to the weights of a model it saves."""
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`Detector.forward_train` returns.
+
+    losses: the model's own detection losses, each a scalar tensor (summed by the engine).
+    taps: family-specific internals for KD (see the family's adapter docstring), e.g.
+        CNN: ``{"features": {stride: [N, C, h, w]}, "image_sizes": [(h, w)], "boxes": [[K_i, 4]]}``;
+        DETR: ``{"memory": ..., "outputs": {...}}`` plus what :meth:`DetrDetector.decode` needs.
+    """
+
+    losses: dict[str, Tensor]
+    taps: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector(nn.Module):
+    """Base class of all detector adapters.
+
+    Subclasses set ``family`` ("cnn" or "detr") and implement ``_forward_train``, ``forward_taps``,
+    ``_predict_raw`` and ``save``.
+    """
+
+    family: ClassVar[str] = "?"
+
+    def __init__(self, model: nn.Module, label_names: list[str], architecture: str, imgsz: int = 640) -> None:
+        super().__init__()
+        self.model = model
+        self.label_names = list(label_names)
+        self.architecture = architecture
+        self.imgsz = int(imgsz)
+        self.source = ""  # the spec string it was loaded from, for reports
+        # dataset class index -> index into label_names (None until set_classes is called)
+        self._to_model: Tensor | None = None
+        self._dataset_names: list[str] | None = None
+
+    # ------------------------------------------------------------------ labels
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def set_classes(self, dataset_names: list[str], label_map: dict[str, str] | None = None) -> None:
+        """Map dataset classes to this model's labels by name (case-insensitive).
+
+        ``label_map`` maps a dataset class name to a model label name and overrides the name match.
+        A dataset class the model lacks raises :class:`KdctlError` naming it.
+        """
+        self._to_model = torch.as_tensor(map_classes(dataset_names, self.label_names, label_map), dtype=torch.long)
+        self._dataset_names = list(dataset_names)
+
+    @property
+    def dataset_names(self) -> list[str] | None:
+        return self._dataset_names
+
+    def model_labels(self, labels: Tensor) -> Tensor:
+        """Dataset class indices -> indices into ``label_names`` (identity before :meth:`set_classes`)."""
+        if self._to_model is None:
+            return labels
+        return self._to_model.to(labels.device)[labels]
+
+    def dataset_labels(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Indices into ``label_names`` -> (dataset indices, keep mask); labels with no dataset class are dropped."""
+        if self._to_model is None:
+            return labels, torch.ones_like(labels, dtype=torch.bool)
+        inv = torch.full((self.num_classes,), -1, dtype=torch.long, device=labels.device)
+        inv[self._to_model.to(labels.device)] = torch.arange(len(self._to_model), device=labels.device)
+        out = inv[labels]
+        return out, out >= 0
+
+    # ------------------------------------------------------------------ contract
+    def forward_train(self, batch: Batch) -> TrainOutput:
+        """Training forward: losses and KD taps from one pass (the model must be in train mode)."""
+        return self._forward_train(batch)
+
+    def _forward_train(self, batch: Batch) -> TrainOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_taps(self, batch: Batch) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Teacher-side forward: the KD internals only (call under no_grad / inference_mode, eval mode)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, batch: Batch, score_threshold: float = 0.001, max_detections: int = 100) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` float [D, 4] xyxy in ORIGINAL pixels, ``scores`` [D], ``labels`` [D].
+
+        Labels are dataset class indices after :meth:`set_classes` (detections of classes the dataset lacks are
+        dropped), otherwise indices into :attr:`label_names`. Sorted by descending score.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            raw = self._predict_raw(batch, score_threshold, max_detections)
+        finally:
+            self.train(was_training)
+        out = []
+        scales = batch.scales().to(batch.device)
+        for det, (sx, sy), (oh, ow) in zip(raw, scales, batch.orig_sizes, strict=True):
+            boxes = det["boxes"].float() / torch.stack([sx, sy, sx, sy])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+            labels, keep = self.dataset_labels(det["labels"])
+            scores = det["scores"].float()
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            order = scores.argsort(descending=True)[:max_detections]
+            out.append({"boxes": boxes[order], "scores": scores[order], "labels": labels[order]})
+        return out
+
+    @torch.no_grad()
+    def predict_images(self, images: list, imgsz: int | None = None, score_threshold: float = 0.25,
+                       max_detections: int = 100) -> list[dict[str, Any]]:
+        """Detect objects in image files, PIL images or uint8 [3, H, W] tensors (the convenience API).
+
+        Returns per image ``{"boxes": [[x0, y0, x1, y1], ...] in original pixels, "scores": [...],
+        "labels": [...] (indices), "names": [...]}``.
+        """
+        from torchvision import tv_tensors
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.transforms.v2 import functional as F
+
+        from kdctl.data.batch import collate
+        from kdctl.data.transforms import build_transforms
+
+        tf = build_transforms(imgsz or self.imgsz, train=False)
+        samples = []
+        for im in images:
+            if isinstance(im, (str, Path)):
+                t = decode_image(read_file(str(im)), mode=ImageReadMode.RGB)
+            elif isinstance(im, Tensor):
+                t = im
+            else:  # PIL
+                t = F.pil_to_tensor(im.convert("RGB"))
+            h, w = t.shape[-2:]
+            boxes = tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY", canvas_size=(h, w))
+            img, tgt = tf(tv_tensors.Image(t), {"boxes": boxes, "labels": torch.zeros(0, dtype=torch.long)})
+            samples.append((img.as_subclass(Tensor), {"boxes": tgt["boxes"].as_subclass(Tensor),
+                                                      "labels": tgt["labels"], "orig_size": (h, w)}))
+        device = next(self.parameters()).device
+        dets = self.predict(collate(samples).to(device), score_threshold, max_detections)
+        names = self._dataset_names or self.label_names
+        return [{"boxes": d["boxes"].tolist(), "scores": d["scores"].tolist(), "labels": d["labels"].tolist(),
+                 "names": [names[i] for i in d["labels"].tolist()]} for d in dets]
+
+    def _predict_raw(self, batch: Batch, score_threshold: float, max_detections: int) -> list[dict[str, Tensor]]:
+        """Per image ``boxes`` xyxy in the RESIZED frame (pixels of ``batch.images``), ``scores``, ``labels``
+        (indices into ``label_names``)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def save(self, directory: str | Path) -> Path:  # pragma: no cover - abstract
+        """Write the model so that ``kdctl.load(directory)`` gives it back (weights in safetensors)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def kd_methods(self) -> list[str]:
+        from kdctl.models.registry import methods_for_family
+
+        return methods_for_family(self.family)
+
+    def info(self) -> dict[str, Any]:
+        """What ``kdctl inspect`` prints."""
+        return {
+            "source": self.source,
+            "family": self.family,
+            "architecture": self.architecture,
+            "class": type(self.model).__name__,
+            "parameters": self.num_parameters(),
+            "num_labels": self.num_classes,
+            "label_names": self.label_names,
+            "imgsz": self.imgsz,
+            "kd_methods": self.kd_methods(),
+        }
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower()
+
+
+def map_classes(dataset_names: list[str], label_names: list[str], label_map: dict[str, str] | None = None) -> list[int]:
+    """For each dataset class, the index of the model label with the same name (case-insensitive).
+
+    ``label_map`` (dataset name -> model name) overrides the match. Raises KdctlError naming every dataset class
+    the model lacks.
+    """
+    lookup: dict[str, int] = {}
+    for i, n in enumerate(label_names):
+        lookup.setdefault(_norm(n), i)
+    user = {_norm(k): v for k, v in (label_map or {}).items()}
+    out, missing = [], []
+    for name in dataset_names:
+        target = user.get(_norm(name), name)
+        idx = lookup.get(_norm(target))
+        if idx is None:
+            missing.append(name if target == name else f"{name} -> {target}")
+        out.append(-1 if idx is None else idx)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing)
+        have = ", ".join(label_names[:12]) + (", ..." if len(label_names) > 12 else "")
+        raise KdctlError(
+            f"the model has no label for dataset class(es) {shown} (model labels: {have}); "
+            "map them with --label-map FILE (JSON {\"dataset name\": \"model name\"})"
+        )
+    if len(set(out)) != len(out):
+        raise KdctlError("two dataset classes map to the same model label; check --label-map")
+    return out
+
+
+def read_kdctl_config(directory: Path) -> dict[str, Any]:
+    """Read ``kdctl.json`` from a kdctl model directory (one clear error when it is unreadable)."""
+    path = Path(directory) / KDCTL_CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise KdctlError(f"{directory}: no {KDCTL_CONFIG} (not a kdctl model directory)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KdctlError(f"{path}: corrupt kdctl config ({e.__class__.__name__}: {e})") from e
+    if not isinstance(cfg, dict) or "family" not in cfg or "label_names" not in cfg:
+        raise KdctlError(f"{path}: kdctl config lacks 'family' or 'label_names'")
+    return cfg
+
+
+def write_kdctl_config(directory: Path, cfg: dict[str, Any]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / KDCTL_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def load_safetensors_state(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Load a safetensors file; a corrupt or truncated file is one clear KdctlError."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError as e:
+        raise KdctlError(f"{path}: weights file not found") from e
+    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt files
+        raise KdctlError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
+
+
+def load_state_strict(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """``load_state_dict(strict=True)`` whose mismatch is a KdctlError naming a few keys."""
+    missing, unexpected = [], []
+    own = module.state_dict()
+    for k in own:
+        if k not in state:
+            missing.append(k)
+    for k in state:
+        if k not in own:
+            unexpected.append(k)
+    if missing or unexpected:
+        raise KdctlError(
+            f"{where}: weights do not match the architecture (missing {len(missing)}: {missing[:3]}, "
+            f"unexpected {len(unexpected)}: {unexpected[:3]})"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise KdctlError(f"{where}: weight shapes do not match the architecture ({len(bad)} tensors, e.g. {bad[0]})")
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,54 @@
+"""Registries: architecture -> adapter family, and (teacher family, student family) -> KD method.
+
+Kept free of torch imports so the CLI can use it for help texts. Adding a family is one adapter file plus one
+line in ``FAMILIES``; adding a method is one file in ``kdctl/distill`` plus one line in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+# family -> "module:function" that builds a Detector from a resolved spec (imported lazily)
+FAMILIES: dict[str, str] = {
+    "cnn": "kdctl.models.torchvision:load",
+    "detr": "kdctl.models.detr:load",
+}
+
+# transformers model_type -> family (HF config.json "model_type")
+HF_MODEL_TYPES: dict[str, str] = {
+    "detr": "detr",
+    "conditional_detr": "detr",
+    "dab-detr": "detr",
+    "deformable_detr": "detr",
+}
+
+# torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)
+TORCHVISION_PREFIXES: tuple[str, ...] = ("fasterrcnn", "retinanet", "fcos")
+
+# method name -> (teacher family, student family, "module:Class")
+METHODS: dict[str, tuple[str, str, str]] = {
+    "drkd": ("cnn", "cnn", "kdctl.distill.drkd:DRKD"),
+    "kd-detr": ("detr", "detr", "kdctl.distill.kd_detr:KDDETR"),
+}
+
+
+def methods_for_family(family: str) -> list[str]:
+    """KD methods a model of ``family`` can take part in (as teacher or student)."""
+    return [m for m, (t, s, _) in METHODS.items() if family in (t, s)]
+
+
+def method_for_pair(teacher_family: str, student_family: str) -> str | None:
+    """The method ``--method auto`` picks for a teacher/student pair, or None when unsupported."""
+    for m, (t, s, _) in METHODS.items():
+        if (t, s) == (teacher_family, student_family):
+            return m
+    return None
+
+
+def supported_pairs() -> str:
+    return "; ".join(f"{t} -> {s}: {m}" for m, (t, s, _) in METHODS.items())
+
+
+def import_string(path: str):
+    import importlib
+
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)

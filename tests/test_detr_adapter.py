@@ -1,0 +1,389 @@
+"""DETR-family adapter: decode parity, loss bookkeeping, query groups, coordinates, presets, save/load, gradients.
+
+Every model is a tiny random one (d_model 32, 2 decoder layers, small HF ResNet), saved with save_pretrained and
+loaded back through ``kdctl.specs.load_detector``. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kdctl.data.batch import Batch  # noqa: E402
+from kdctl.errors import KdctlError  # noqa: E402
+from kdctl.specs import load_detector  # noqa: E402
+
+NAMES = ["RBC", "WBC", "Platelets"]
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+BACKBONE = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 64, 128], "embedding_size": 16}
+COMMON = dict(
+    use_timm_backbone=False, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+    encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, id2label=dict(enumerate(NAMES)), auxiliary_loss=True,
+)
+CASES = {  # name -> (transformers class, config class, config kwargs)
+    "detr": ("DetrForObjectDetection", "DetrConfig", {"d_model": 32}),
+    "detr-noaux": ("DetrForObjectDetection", "DetrConfig", {"d_model": 32, "auxiliary_loss": False}),
+    "conditional": ("ConditionalDetrForObjectDetection", "ConditionalDetrConfig", {"d_model": 32}),
+    "dab": ("DabDetrForObjectDetection", "DabDetrConfig", {"hidden_size": 32}),
+    "deformable": ("DeformableDetrForObjectDetection", "DeformableDetrConfig", {"d_model": 32}),
+    "deformable-refine": ("DeformableDetrForObjectDetection", "DeformableDetrConfig",
+                          {"d_model": 32, "with_box_refine": True}),
+    "deformable-2stage": ("DeformableDetrForObjectDetection", "DeformableDetrConfig",
+                          {"d_model": 32, "with_box_refine": True, "two_stage": True, "two_stage_num_proposals": 10}),
+}
+DEFORMABLE = {"num_feature_levels": 4, "encoder_n_points": 2, "decoder_n_points": 2}
+
+
+def build_tiny(case: str, directory: Path) -> Path:
+    import transformers
+
+    model_cls, config_cls, extra = CASES[case]
+    kwargs = {**COMMON, **extra}
+    stages = ["stage2", "stage3", "stage4"] if "deformable" in case else ["stage4"]
+    if "deformable" in case:
+        kwargs.update(DEFORMABLE)
+    config = getattr(transformers, config_cls)(backbone_config={**BACKBONE, "out_features": stages}, **kwargs)
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and much faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_detrs")
+    return {case: build_tiny(case, root / case) for case in CASES}
+
+
+def load_case(tiny_dirs: dict[str, Path], case: str):
+    det = load_detector(str(tiny_dirs[case]))
+    det.eval()
+    return det
+
+
+def make_batch() -> Batch:
+    """Two images padded to 64x96: a full 64x96 one and a 48x64 one, both downscaled from larger originals."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.zeros(2, 3, 64, 96)
+    images[0] = torch.rand(3, 64, 96, generator=g)
+    images[1, :, :48, :64] = torch.rand(3, 48, 64, generator=g)
+    targets = [
+        {"boxes": torch.tensor([[10.0, 8.0, 50.0, 40.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[4.0, 4.0, 30.0, 44.0], [32.0, 0.0, 64.0, 20.0]]), "labels": torch.tensor([0, 2])},
+    ]
+    return Batch(images=images, sizes=[(64, 96), (48, 64)], orig_sizes=[(128, 192), (96, 128)], targets=targets)
+
+
+# --------------------------------------------------------------------------- 1. parity
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_reproduces_forward(tiny_dirs, case):
+    det = load_case(tiny_dirs, case)
+    batch = make_batch()
+    with torch.no_grad():
+        taps = det.forward_taps(batch)
+        pixel_values, pixel_mask = det.pixel_inputs(batch)
+        ref = det.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=det.hf_labels(batch))
+        dec = det.decode(taps, taps["queries"])
+    n_cls = len(NAMES) + (1 if det.logit_kind == "softmax" else 0)
+    assert dec["logits"].shape == (2, 2, det.num_queries, n_cls)
+    assert dec["boxes"].shape == (2, 2, det.num_queries, 4)
+    assert taps["memory"].shape[0] == 2 and taps["memory"].shape[-1] == det.hidden_size
+    # final layer == the model's own outputs
+    assert (dec["logits"][-1] - ref.logits).abs().max() < 1e-5
+    assert (dec["boxes"][-1] - ref.pred_boxes).abs().max() < 1e-5
+    # every layer == the taps of the normal forward; aux layers == the model's own auxiliary outputs
+    assert (dec["logits"] - taps["logits"]).abs().max() < 1e-5
+    assert (dec["boxes"] - taps["boxes"]).abs().max() < 1e-5
+    if det.model.config.auxiliary_loss:
+        aux = ref.auxiliary_outputs
+        assert len(aux) == 1
+        assert (dec["logits"][0] - aux[0]["logits"]).abs().max() < 1e-5
+        assert (dec["boxes"][0] - aux[0]["pred_boxes"]).abs().max() < 1e-5
+    if not det.queries_image_dependent:
+        with torch.no_grad():
+            again = det.decode(taps, det.learned_queries())
+        assert (again["logits"] - ref.logits.unsqueeze(0)).abs()[-1].max() < 1e-5
+        assert det.learned_queries().shape == (det.num_queries, det.query_dim)
+    else:
+        assert taps["queries"].shape == (2, det.num_queries, 4)
+        with pytest.raises(KdctlError):
+            det.learned_queries()
+
+
+def test_query_formats(tiny_dirs):
+    dets = {case: load_case(tiny_dirs, case) for case in CASES}
+    kinds = {case: (det.query_kind, det.query_dim) for case, det in dets.items()}
+    assert kinds["detr"] == ("embed", 32) and kinds["conditional"] == ("embed", 32)
+    assert kinds["dab"] == ("anchor4", 4) and kinds["deformable-2stage"] == ("anchor4", 4)
+    assert kinds["deformable"] == ("embed2", 64)
+    assert dets["detr"].logit_kind == "softmax" and dets["dab"].logit_kind == "sigmoid"
+
+
+# --------------------------------------------------------------------------- 2. losses
+def hand_made_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """What the HF processors would give: normalised pixels (0 on padding), mask, cxcywh / unpadded size."""
+    mask = torch.zeros(2, 64, 96, dtype=torch.long)
+    mask[0] = 1
+    mask[1, :48, :64] = 1
+    pixels = (batch.images - MEAN) / STD * mask[:, None]
+    labels = []
+    for (h, w), t in zip(batch.sizes, batch.targets, strict=True):
+        x0, y0, x1, y1 = t["boxes"].unbind(-1)
+        boxes = torch.stack([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h], -1)
+        labels.append({"class_labels": t["labels"], "boxes": boxes})
+    return pixels, mask, labels
+
+
+@pytest.mark.parametrize("case", ["detr", "detr-noaux", "conditional", "dab", "deformable-refine", "deformable-2stage"])
+def test_losses_sum_to_model_loss(tiny_dirs, case):
+    det = load_case(tiny_dirs, case)
+    det.train()
+    batch = make_batch()
+    torch.manual_seed(3)
+    out = det.forward_train(batch)
+    pixels, mask, labels = hand_made_inputs(batch)
+    torch.manual_seed(3)  # same dropout draws
+    with torch.no_grad():
+        plain = det.model(pixel_values=pixels, pixel_mask=mask, labels=labels)
+    assert set(out.losses) == {"loss_ce", "loss_bbox", "loss_giou"}
+    total = sum(out.losses.values())
+    assert torch.isfinite(total) and total.requires_grad
+    assert torch.allclose(total.detach(), plain.loss, rtol=1e-5, atol=1e-5)
+    assert out.taps["logits"].shape[:2] == (2, 2)
+
+
+# --------------------------------------------------------------------------- 3. query groups
+def sensitise(det) -> None:
+    """Random tiny decoders barely react to their queries: perturb them so that query interactions show."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in det.model.model.decoder.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        if not det.queries_image_dependent:
+            det.learned_queries().mul_(20)
+
+
+@pytest.mark.parametrize("case", ["detr", "conditional", "dab", "deformable", "deformable-2stage"])
+def test_query_groups_do_not_interact(tiny_dirs, case):
+    det = load_case(tiny_dirs, case)
+    sensitise(det)
+    g = torch.Generator().manual_seed(0)
+    qa, qb = (det.sample_queries(6, generator=g) for _ in range(2))
+    qb2 = qb + 2 * torch.randn(qb.shape, generator=g)  # a very different group B
+    with torch.no_grad():
+        taps = det.forward_taps(make_batch())
+        a1, b1 = det.decode_groups(taps, [qa, qb])
+        a2, b2 = det.decode_groups(taps, [qa, qb2])
+        alone = det.decode(taps, qa)
+        per_image = det.decode(taps, qa.unsqueeze(0).expand(2, -1, -1))
+        uneven = det.decode_groups(taps, [qa, qb[:3]])
+        joint, joint2 = (det.decode(taps, torch.cat([qa, b])) for b in (qb, qb2))  # ONE pass: A sees B
+    assert (joint["logits"][:, :, :6] - joint2["logits"][:, :, :6]).abs().max() > 1e-3  # the test can see leaks
+    assert (a1["logits"] - a2["logits"]).abs().max() < 1e-6 and (a1["boxes"] - a2["boxes"]).abs().max() < 1e-6
+    assert (b1["logits"] - b2["logits"]).abs().max() > 1e-3  # group B did change
+    # folded (batched) and lone passes agree up to float rounding, amplified by the perturbed weights
+    assert torch.allclose(a1["logits"], alone["logits"], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(per_image["boxes"], alone["boxes"], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(uneven[0]["logits"], alone["logits"], rtol=1e-4, atol=1e-5)
+    assert uneven[1]["logits"].shape[2] == 3
+
+
+def test_sample_queries(tiny_dirs):
+    dab, detr, deform = (load_case(tiny_dirs, c) for c in ("dab", "detr", "deformable"))
+    a = dab.sample_queries(5000, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (5000, 4) and abs(a.mean()) < 0.05 and abs(a.std() - 1) < 0.05  # N(0, 1) anchors
+    b = dab.sample_queries(5000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    u = dab.sample_queries(5000, distribution="uniform").sigmoid()
+    assert 0.0 < u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02  # uniform boxes after sigmoid
+    e = detr.sample_queries(5000, distribution="uniform")
+    learned = detr.learned_queries().detach()
+    assert e.shape == (5000, 32) and abs(e.std() - learned.std()) < 0.1 * learned.std()
+    d = deform.sample_queries(10)
+    assert d.shape == (10, 64)
+    with torch.no_grad():
+        taps = detr.forward_taps(make_batch())
+    with pytest.raises(KdctlError, match="query formats differ"):
+        detr.decode(taps, a[:3])  # DAB anchors into a DETR
+
+
+# --------------------------------------------------------------------------- 4. coordinates
+def controlled(det, box: tuple[float, float, float, float], winner: int) -> None:
+    """Every query predicts ``box`` (normalised cxcywh) and class ``winner``."""
+    logit_box = torch.logit(torch.tensor(box))
+    m = det.model
+    with torch.no_grad():
+        if det.logit_kind == "softmax":
+            heads = [(m.class_labels_classifier, m.bbox_predictor)]
+        else:  # plain Deformable: reference points fixed at 0.5 (logit 0)
+            m.model.reference_points.weight.zero_()
+            m.model.reference_points.bias.zero_()
+            heads = list(zip(m.class_embed, m.bbox_embed, strict=True))
+        for cls, bbox in heads:
+            bbox.layers[-1].weight.zero_()
+            bbox.layers[-1].bias.copy_(logit_box)
+            cls.weight.zero_()
+            cls.bias.fill_(-4.0)
+            cls.bias[winner] = 3.0
+            if det.logit_kind == "softmax":
+                cls.bias[-1] = -4.0
+
+
+@pytest.mark.parametrize("case", ["detr", "deformable"])
+def test_predict_returns_original_pixels(tiny_dirs, case):
+    det = load_case(tiny_dirs, case)
+    controlled(det, (0.5, 0.5, 0.4, 0.2), winner=1)
+    images = torch.zeros(2, 3, 64, 128)
+    images[0, :, :50, :100] = 0.5
+    images[1, :, :60, :40] = 0.5
+    # image 0: 200x100 original -> 100x50 (scale 0.5); image 1: 60x90 original -> 40x60 (scale 2/3)
+    batch = Batch(images=images, sizes=[(50, 100), (60, 40)], orig_sizes=[(100, 200), (90, 60)])
+    dets = det.predict(batch, score_threshold=0.5, max_detections=4)
+    expected = [torch.tensor([60.0, 40.0, 140.0, 60.0]), torch.tensor([18.0, 36.0, 42.0, 54.0])]
+    score = math.exp(3) / (math.exp(3) + 3 * math.exp(-4)) if case == "detr" else 1 / (1 + math.exp(-3))
+    for d, box in zip(dets, expected, strict=True):
+        assert d["boxes"].shape == (4, 4)
+        assert (d["boxes"] - box).abs().max() < 1e-3
+        assert (d["labels"] == 1).all()
+        assert (d["scores"] - score).abs().max() < 1e-5
+    det.set_classes(["Platelets", "WBC"])  # dataset index 1 is the model's label 1
+    assert all((d["labels"] == 1).all() for d in det.predict(batch, score_threshold=0.5))
+    det.set_classes(["WBC", "RBC"])
+    assert all((d["labels"] == 0).all() for d in det.predict(batch, score_threshold=0.5))
+    batch.targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 2), "labels": torch.tensor([1, 0])}] * 2
+    assert torch.equal(det.hf_labels(batch)[0]["class_labels"], torch.tensor([0, 1]))  # RBC -> 0, WBC -> 1
+
+
+# --------------------------------------------------------------------------- 5. presets
+SMALL = {"encoder_layers": 1, "decoder_layers": 2, "num_queries": 5}  # Deformable needs >= 2 decoder layers
+
+
+@pytest.mark.parametrize("preset", ["detr-r18", "detr-r50", "dab-detr-r18", "conditional-detr-r18",
+                                    "deformable-detr-r18"])
+def test_presets_build_without_download(preset):
+    det = load_detector(preset, label_names=NAMES, pretrained_backbone=False, overrides=SMALL)
+    assert det.label_names == NAMES and det.model.config.id2label == dict(enumerate(NAMES))
+    assert det.imgsz == 640 and det.num_queries == 5 and det.model.config.auxiliary_loss
+    assert det.model.config.backbone_config.backbone == ("resnet50" if preset.endswith("r50") else "resnet18")
+    det.train()
+    out = det.forward_train(make_batch())
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_preset_errors(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    with pytest.raises(KdctlError, match="class names"):
+        load_detector("detr-r18", pretrained_backbone=False)
+    with pytest.raises(KdctlError, match="num_querys"):
+        load_detector("detr-r18", label_names=NAMES, pretrained_backbone=False, overrides={"num_querys": 3})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(KdctlError, match="ImageNet backbone weights .* could not be fetched.*--no-pretrained-backbone"):
+        load_detector("detr-r18", label_names=NAMES, pretrained_backbone=True, overrides=SMALL)
+
+
+def test_preset_copies_imagenet_weights(monkeypatch):
+    import timm
+
+    from kdctl.models.detr import backbone_module
+
+    real = timm.create_model
+
+    def fake(name, pretrained=False, **kwargs):  # "ImageNet weights" = every tensor filled with 0.25
+        net = real(name, pretrained=False, **kwargs)
+        with torch.no_grad():
+            for t in net.state_dict().values():
+                if t.is_floating_point() and pretrained:
+                    t.fill_(0.25)
+        return net
+
+    monkeypatch.setattr(timm, "create_model", fake)
+    for preset in ("detr-r18", "dab-detr-r18"):
+        det = load_detector(preset, label_names=NAMES, pretrained_backbone=True, overrides=SMALL)
+        values = [t for t in backbone_module(det.model).state_dict().values() if t.is_floating_point()]
+        assert values and all(bool((t == 0.25).all()) for t in values)
+
+
+# --------------------------------------------------------------------------- 6. save / load / pipeline
+@pytest.mark.parametrize("case", ["detr", "dab", "deformable-refine"])
+def test_save_roundtrip_and_pipeline(tiny_dirs, tmp_path, case):
+    import json
+
+    from PIL import Image
+    from transformers import pipeline
+
+    det = load_case(tiny_dirs, case)
+    det.imgsz = 96
+    out = det.save(tmp_path / "saved")
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["use_pretrained_backbone"] is False
+    back = load_detector(str(out))
+    assert back.label_names == NAMES and back.imgsz == 96 and back.architecture == det.architecture
+    batch = make_batch()
+    p1, p2 = det.predict(batch, max_detections=20), back.predict(batch, max_detections=20)
+    for a, b in zip(p1, p2, strict=True):
+        assert len(a["scores"]) == (10 if det.logit_kind == "softmax" else 20)  # DETR: one per query
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key])
+    # pipeline on the same pixels agrees with predict (same normalisation, same post-processing)
+    pixels = (batch.images[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    single = Batch(images=pixels.permute(2, 0, 1)[None].float() / 255, sizes=[(64, 96)], orig_sizes=[(64, 96)])
+    mine = back.predict(single, score_threshold=0.0, max_detections=100)[0]
+    found = pipeline("object-detection", model=str(out), device="cpu")(image, threshold=0.0)
+    assert found and {d["label"] for d in found} <= set(NAMES)
+    top_pipe = sorted((d["score"] for d in found), reverse=True)[:5]
+    assert torch.allclose(torch.tensor(top_pipe), mine["scores"][:5], atol=1e-4)
+    best = max(found, key=lambda d: d["score"])["box"]
+    box = torch.tensor([best["xmin"], best["ymin"], best["xmax"], best["ymax"]], dtype=torch.float32)
+    assert (box - mine["boxes"][0]).abs().max() <= 1.0  # the pipeline rounds to integer pixels
+
+
+def test_broken_checkpoints(tiny_dirs, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dirs["detr"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(KdctlError, match="corrupt"):
+        load_detector(str(bad))
+    weights.unlink()
+    with pytest.raises(KdctlError, match="no weights"):
+        load_detector(str(bad))
+
+
+# --------------------------------------------------------------------------- 7. gradients
+@pytest.mark.parametrize("case", ["detr", "dab", "deformable-refine", "deformable-2stage"])
+def test_decode_gradients_reach_decoder(tiny_dirs, case):
+    det = load_case(tiny_dirs, case)
+    det.train()
+    out = det.forward_train(make_batch())
+    queries = det.sample_queries(7, generator=torch.Generator().manual_seed(0))
+    dec = det.decode(out.taps, queries)
+    (dec["logits"].pow(2).mean() + dec["boxes"].mean()).backward()
+    decoder = det.model.model.decoder
+    for i, layer in enumerate(decoder.layers):
+        grads = [p.grad for p in layer.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient in decoder layer {i}"
+    last = det.num_decoder_layers - 1  # two-stage keeps one more class head, for the encoder proposals
+    head = det.model.class_labels_classifier if case == "detr" else (
+        det.model.class_embed if case == "dab" else det.model.class_embed[last])
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
