@@ -23,16 +23,15 @@ from kdctl.errors import KdctlError
 class QuickstartPlan:
     """The models and budgets of a quickstart (CPU defaults)."""
 
-    teacher: str = "fasterrcnn-r18-fpn"
-    student: str = "fasterrcnn-r18-fpn"
-    images: int = 240
+    teacher: str = "fcos-mobilenet-v2"  # 3.8 M parameters
+    student: str = "fcos-mobilenet-v2-0.5"  # 1.0 M parameters
+    images: int = 400
+    image_size: tuple[int, int] = (128, 192)  # shorter / longer side range of the synthetic images
     imgsz: int = 160
-    batch_size: int = 4
-    teacher_epochs: int = 8
-    student_epochs: int = 4
+    batch_size: int = 8
+    teacher_epochs: int = 12
+    student_epochs: int = 8
     seed: int = 0
-    teacher_overrides: dict[str, Any] | None = None
-    student_overrides: dict[str, Any] | None = None
 
 
 def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", plan: QuickstartPlan | None = None,
@@ -53,7 +52,7 @@ def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", pla
     dev = resolve_device(device)
     data = out / "data"
     if not (data / "train.json").exists():
-        synthesize(data, plan.images, seed=plan.seed)
+        synthesize(data, plan.images, seed=plan.seed, size=plan.image_size)
     elif not (data / "val.json").exists():
         raise KdctlError(f"{data} holds a partial dataset; remove it or pass another --output")
     con.print(f"[bold]kdctl quickstart[/]: synthetic dataset in {data}, device {dev}, imgsz {plan.imgsz}")
@@ -82,17 +81,20 @@ def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", pla
     total = time.perf_counter() - t_all
 
     t = Table(title=f"kdctl quickstart ({dev}, {total:.0f}s)")
-    for col in ("model", "spec", "KD", "AP", "AP50", "AP75", "time", "run"):
+    for col in ("model", "spec", "KD", "AP", "AP50", "AP75", "time"):
         t.add_column(col, justify="right" if col in {"AP", "AP50", "AP75", "time"} else "left")
     summary: dict[str, Any] = {"device": dev, "seconds": round(total, 1), "rows": []}
     for label, spec, method, r, secs in rows:
         m = r.metrics
         t.add_row(label, spec, method, f"{100 * m['AP']:.1f}", f"{100 * m['AP50']:.1f}", f"{100 * m['AP75']:.1f}",
-                  f"{secs:.0f}s", str(r.run_dir))
+                  f"{secs:.0f}s")
         summary["rows"].append({"model": label, "spec": spec, "method": method, "seconds": round(secs, 1),
                                 "run": str(r.run_dir), **{k: m[k] for k in ("AP", "AP50", "AP75")}})
     con.print(t)
+    for label, _, _, r, _ in rows:
+        con.print(f"{label}: {r.run_dir}", soft_wrap=True)
     gain = 100 * (results["student+KD"].metrics["AP"] - results["student"].metrics["AP"])
-    con.print(f"KD gain: {gain:+.1f} AP. Next: `kdctl eval --model {results['student+KD'].run_dir} --data {data}`")
+    con.print(f"KD gain: {gain:+.1f} AP. Next: kdctl eval --model {results['student+KD'].run_dir} --data {data}",
+              soft_wrap=True)
     _write_json(out / "quickstart.json", summary)
     return summary

@@ -197,8 +197,10 @@ class Trainer:
         if self.resume_from is not None and last is None:
             raise KdctlError(f"{self.resume_from}: no last/ checkpoint to resume from")
         student_src = str(last) if last is not None else student_r
+        # the method's overrides (e.g. KD-DETR: the teacher's query count) shape only students built from presets
+        fresh = last is None and student_r.kind == "preset"
         self.student = load_detector(student_src, label_names=student_names, pretrained_backbone=cfg.pretrained_backbone,
-                                     trust_remote_code=cfg.trust_remote_code, overrides=student_over)
+                                     trust_remote_code=cfg.trust_remote_code, overrides=student_over if fresh else {})
         self.student.set_classes(names, label_map)
         self.student.to(device).train()
         cfg.imgsz = cfg.imgsz or self.student.imgsz

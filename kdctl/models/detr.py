@@ -372,7 +372,7 @@ class DetrDetector(Detector):
         chunks = q.chunk(parts, dim=-1)
         mean = torch.cat([c.mean().expand(c.shape[-1]) for c in chunks])
         std = torch.cat([c.std().clamp_min(1e-6).expand(c.shape[-1]) for c in chunks])
-        return mean.cpu(), std.cpu()
+        return mean, std  # on the model's device: no host sync
 
     # ------------------------------------------------------------------ batch -> model
     def pixel_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:

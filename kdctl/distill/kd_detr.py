@@ -1,0 +1,331 @@
+"""KD-DETR: knowledge distillation for DETR-family detectors with consistent distillation points.
+
+Wang et al., "Knowledge Distillation for Detection Transformer with Consistent Distillation Points Sampling"
+(CVPR 2024). Reference code (DAB-DETR): GitHub ``Myleswork/KD-DETR``. This is an independent implementation on
+top of :class:`kdctl.models.detr.DetrDetector`; see the project design note ``kd-detr.md``.
+
+Idea. The teacher's and the student's predictions are tied to their own learned queries, so their output slots do
+not correspond. KD-DETR feeds the SAME extra queries ("distillation points") to both decoders, each over its own
+encoder memory, and distils the predictions slot by slot (no Hungarian matching):
+
+* specific points: the teacher's own queries (``teacher_taps["queries"]``: its learned queries, or the per-image
+  top-k proposals of a two-stage teacher). The targets are the teacher's normal detection outputs.
+* general points: ``num_general`` random queries drawn fresh every step with ``teacher.sample_queries`` (shared by
+  teacher and student, no gradient). The teacher decodes them in :meth:`KDDETR.teacher_taps`.
+
+Per step the teacher's backbone + encoder run once (``forward_taps``) plus one decoder pass for the general
+points; the student's run once (``forward_train``) plus ONE batched decoder call for both groups
+(``decode_groups``: each group in its own pass, no attention between groups or with the detection queries). The
+groups exist only in training: the student's ``predict`` runs its own queries only.
+
+Loss, per group (specific, general), summed over the groups; i = distillation point (all images x points),
+t = teacher's FINAL layer, s = every student decoder layer (final and auxiliary, summed over layers)::
+
+    w_i    = foreground weight of the teacher's prediction (detached)
+    L_cls  = sum_i w_i * T^2 * mean_c KL_c(t_i || s_i)            (/ sum_i w_i when normalize = True)
+    L_L1   = sum_i w_i * mean_4 |b_s,i - b_t,i| / sum_i w_i       (normalised cx, cy, w, h)
+    L_GIoU = sum_i w_i * (1 - GIoU(b_s,i, b_t,i)) / sum_i w_i
+    kd_cls = cls * L_cls,  kd_l1 = l1 * L_L1,  kd_giou = giou * L_GIoU      (defaults 1, 5, 2; T = 10)
+
+Design choices (where the paper, the reference code and kdctl's model zoo leave room):
+
+* Foreground weight. Sigmoid models: ``w_i = max_c sigmoid(t_ic)`` (reference code). Softmax DETR (C real classes +
+  no-object): ``w_i = max_{c < C} softmax(t_i)_c``, the teacher's probability of its best REAL class, i.e. the
+  score DETR's own post-processing gives the detection. The no-object class is left out so that a point the teacher
+  calls background gets a small weight, which is what the sigmoid max means for the sigmoid models.
+* Class term, softmax DETR: KL between the temperature softmaxes over all C + 1 classes (the no-object class is
+  part of the distribution the model was trained with), averaged over the C + 1 terms, times T^2 (reference).
+* Class term, sigmoid models (DAB, Deformable, Conditional): the reference code applies a softmax over the C
+  sigmoid logits. That ignores each class's absolute level (a softmax is invariant to adding a constant to all
+  logits), so it cannot tell the student that a point is background for every class, and it is not the
+  distribution these models were trained for. kdctl's default ``sigmoid_kl = "binary"`` treats each class as the
+  independent Bernoulli variable the focal loss trains: per class KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T))),
+  averaged over classes, times T^2. Its gradient, T/C * (sigmoid(s/T) - sigmoid(t/T)) per logit, has the same
+  scale as the softmax form's, so the reference weights carry over. ``sigmoid_kl = "softmax"`` reproduces the
+  reference code exactly.
+* Normalisation. ``normalize = False`` (default) follows the reference code: L_cls is a weighted SUM over points
+  (it grows with the per-device batch size and the number of points; the reference weights 1/5/2 were tuned for it,
+  with 8 images x 300 points per GPU). ``normalize = True`` divides L_cls by sum_i w_i as well, like the box terms,
+  so that no term grows with batch size or point count (then raise ``cls`` to keep its share of the loss).
+* Hidden sizes. DAB-DETR anchors and two-stage proposals ("anchor4") are boxes: any hidden sizes work. For the
+  embedding queries of DETR / Conditional ("embed") and Deformable ("embed2") with different hidden sizes, the
+  distiller owns a learned :class:`QueryProjection` (one ``Linear`` per concatenated part, initialised to map the
+  teacher's query statistics to the student's), trained with the student and saved in the run checkpoint, never
+  exported. ``project = False`` refuses such pairs instead.
+* Refused pairs (one-line KdctlError at construction): different label spaces (names and order), softmax versus
+  sigmoid classification, different query formats (e.g. DETR embeddings versus DAB anchors), non-DETR models.
+
+Gradients never reach the teacher: its taps and decodes run under ``no_grad`` and are detached. No host sync
+(``.item()``, boolean indexing) happens in :meth:`KDDETR.forward`; the GIoU is computed elementwise with clamps
+for that reason (torchvision's ``generalized_box_iou_loss`` indexes with a boolean mask, and the pairwise
+``generalized_box_iou`` would build an M x M matrix to read its diagonal). It matches torchvision's value (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdctl.data.batch import Batch
+from kdctl.distill.base import Distiller
+from kdctl.errors import KdctlError
+from kdctl.models.base import Detector, TrainOutput
+
+DEFAULTS: dict[str, Any] = {
+    "cls": 1.0, "l1": 5.0, "giou": 2.0, "temperature": 10.0, "num_general": 300, "general_distribution": "normal",
+    "specific": True, "general": True, "normalize": False, "sigmoid_kl": "binary", "project": True,
+}
+"""Recipe keys of ``[kd.kd-detr]`` and their defaults."""
+GROUPS = ("specific", "general")
+EPS = 1e-6
+
+
+# =========================================================================== per-point terms
+def foreground_weight(logits: Tensor, logit_kind: str) -> Tensor:
+    """Teacher logits [..., C'] -> foreground weight [...] in (0, 1) (see the module docstring)."""
+    logits = logits.float()
+    if logit_kind == "softmax":
+        return logits.softmax(-1)[..., :-1].amax(-1)
+    return logits.sigmoid().amax(-1)
+
+
+def class_divergence(student: Tensor, teacher: Tensor, logit_kind: str, temperature: float,
+                     sigmoid_kl: str = "binary") -> Tensor:
+    """T^2 * mean over classes of the KL(teacher || student) terms at temperature T.
+
+    student: [L, N, G, C'] logits of every student layer; teacher: [N, G, C'] (broadcast over L).
+    Returns [L, N, G].
+    """
+    s, t = student.float() / temperature, teacher.float() / temperature
+    if logit_kind == "softmax" or sigmoid_kl == "softmax":
+        log_s, log_t = s.log_softmax(-1), t.log_softmax(-1)
+        terms = log_t.exp() * (log_t - log_s)
+    else:  # independent Bernoulli variables, one per class
+        log_s1, log_s0 = F.logsigmoid(s), F.logsigmoid(-s)
+        log_t1, log_t0 = F.logsigmoid(t), F.logsigmoid(-t)
+        terms = log_t1.exp() * (log_t1 - log_s1) + log_t0.exp() * (log_t0 - log_s0)
+    return terms.mean(-1) * temperature**2
+
+
+def box_l1(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean absolute difference of the 4 box coordinates: [L, N, G, 4], [N, G, 4] -> [L, N, G]."""
+    return (student.float() - teacher.float()).abs().mean(-1)
+
+
+def giou_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Elementwise 1 - GIoU of normalised cxcywh boxes: [L, N, G, 4], [N, G, 4] -> [L, N, G].
+
+    Same value as ``torchvision.ops.generalized_box_iou_loss`` on the xyxy boxes, without its boolean indexing, and
+    exactly 0 for identical boxes (the epsilon guards the divisions as a lower bound, not as an offset).
+    """
+    from torchvision.ops import box_convert
+
+    a = box_convert(student.float(), "cxcywh", "xyxy")
+    b = box_convert(teacher.float(), "cxcywh", "xyxy").expand_as(a)
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
+    iou = inter / union.clamp_min(1e-7)
+    enclosing = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).prod(-1)
+    return 1 - (iou - (enclosing - union) / enclosing.clamp_min(1e-7))
+
+
+# =========================================================================== query projection
+class QueryProjection(nn.Module):
+    """Teacher embedding queries [..., parts * D_t] -> student queries [..., parts * D_s], one Linear per part.
+
+    Initialised so that queries with the teacher's statistics come out with the student's (per part: weights
+    ~ N(0, (std_s / std_t)^2 / D_t), bias centring the teacher's mean on the student's), then trained with the
+    student through the KD loss.
+    """
+
+    def __init__(self, teacher_queries: Tensor, student_queries: Tensor, parts: int) -> None:
+        super().__init__()
+        self.num_parts = parts
+        t_chunks = teacher_queries.detach().float().cpu().chunk(parts, dim=-1)
+        s_chunks = student_queries.detach().float().cpu().chunk(parts, dim=-1)
+        self.parts = nn.ModuleList(self._init_part(t, s) for t, s in zip(t_chunks, s_chunks, strict=True))
+
+    @staticmethod
+    def _init_part(t: Tensor, s: Tensor) -> nn.Linear:
+        lin = nn.Linear(t.shape[-1], s.shape[-1])
+        gain = float(s.std().clamp_min(EPS) / t.std().clamp_min(EPS))
+        with torch.no_grad():
+            lin.weight.normal_(0.0, gain / t.shape[-1] ** 0.5)
+            lin.bias.copy_(s.mean() - lin.weight.sum(1) * t.mean())
+        return lin
+
+    def forward(self, q: Tensor) -> Tensor:
+        return torch.cat([lin(c) for lin, c in zip(self.parts, q.chunk(self.num_parts, dim=-1), strict=True)], -1)
+
+
+# =========================================================================== the method
+class KDDETR(Distiller):
+    """KD-DETR between two DETR-family detectors (see the module docstring).
+
+    Args:
+        teacher, student: :class:`kdctl.models.detr.DetrDetector` with the same label space and query format.
+        cls, l1, giou: weights of the class, L1 and GIoU terms.
+        temperature: the KL temperature T (the class term is scaled by T^2).
+        num_general: general points per step; general_distribution: "normal" (reference code) or "uniform"
+            (paper), see :meth:`DetrDetector.sample_queries`.
+        specific, general: use the teacher's queries / random queries as distillation points.
+        normalize: class term as a weighted mean over points instead of a weighted sum (reference).
+        sigmoid_kl: class divergence of sigmoid models, "binary" (per-class Bernoulli KL) or "softmax" (reference).
+        project: learn a projection for embedding queries of different hidden sizes (else refuse the pair).
+    """
+
+    name: ClassVar[str] = "kd-detr"
+
+    def __init__(
+        self, teacher: Detector, student: Detector, *, cls: float = 1.0, l1: float = 5.0, giou: float = 2.0,
+        temperature: float = 10.0, num_general: int = 300, general_distribution: str = "normal", specific: bool = True,
+        general: bool = True, normalize: bool = False, sigmoid_kl: str = "binary", project: bool = True,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise KdctlError(f"[kd.kd-detr]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+        opts = dict(cls=cls, l1=l1, giou=giou, temperature=temperature, num_general=num_general,
+                    general_distribution=general_distribution, specific=specific, general=general, normalize=normalize,
+                    sigmoid_kl=sigmoid_kl, project=project)
+        super().__init__(teacher, student, **opts)
+        object.__setattr__(self, "student", student)  # a reference: the engine owns and optimises the student
+        self._read_options(opts)
+        check_pair(teacher, student)
+        self.projection = self._make_projection(teacher, student, bool(opts["project"]))
+
+    def _read_options(self, o: dict[str, Any]) -> None:
+        try:
+            self.w_cls, self.w_l1, self.w_giou = float(o["cls"]), float(o["l1"]), float(o["giou"])
+            self.temperature, self.num_general = float(o["temperature"]), int(o["num_general"])
+        except (TypeError, ValueError) as e:
+            raise KdctlError(f"[kd.kd-detr]: weights, temperature and num_general must be numbers ({e})") from e
+        self.distribution, self.sigmoid_kl = str(o["general_distribution"]), str(o["sigmoid_kl"])
+        self.use_specific, self.use_general, self.normalize = bool(o["specific"]), bool(o["general"]), bool(o["normalize"])
+        if min(self.w_cls, self.w_l1, self.w_giou) < 0 or self.temperature <= 0:
+            raise KdctlError("[kd.kd-detr]: cls, l1 and giou must be >= 0 and temperature > 0")
+        if self.distribution not in ("normal", "uniform"):
+            raise KdctlError(f"[kd.kd-detr]: general_distribution {self.distribution!r}: use 'normal' or 'uniform'")
+        if self.sigmoid_kl not in ("binary", "softmax"):
+            raise KdctlError(f"[kd.kd-detr]: sigmoid_kl {self.sigmoid_kl!r}: use 'binary' or 'softmax'")
+        if not (self.use_specific or self.use_general):
+            raise KdctlError("[kd.kd-detr]: specific and general are both false: no distillation points left")
+        if self.use_general and self.num_general < 1:
+            raise KdctlError("[kd.kd-detr]: num_general must be >= 1 (or set general = false)")
+
+    @staticmethod
+    def _make_projection(teacher: Any, student: Any, allowed: bool) -> QueryProjection | None:
+        if teacher.query_dim == student.query_dim:
+            return None
+        if not allowed:
+            raise KdctlError(
+                f"kd-detr: teacher {teacher.architecture} has hidden size {teacher.hidden_size} and student "
+                f"{student.architecture} {student.hidden_size}: their {teacher.query_kind} queries cannot be shared "
+                "(set project = true in [kd.kd-detr] to learn a projection, or use equal hidden sizes)"
+            )
+        parts = 2 if teacher.query_kind == "embed2" else 1
+        return QueryProjection(teacher.learned_queries(), student.learned_queries(), parts)
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def student_setup(cls, teacher: Detector, dataset_names: list[str]) -> tuple[list[str], dict[str, Any]]:
+        """A preset student takes the teacher's label space and query count."""
+        return list(teacher.label_names), {"num_queries": int(teacher.num_queries)}  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ teacher side
+    @torch.no_grad()
+    def teacher_taps(self, batch: Batch) -> dict[str, Any]:
+        """The teacher's predictions for its own queries and for this step's general points.
+
+        Returns ``{"logits": [L, N, Q, C'], "boxes": [L, N, Q, 4], "queries": [Q, D] or [N, Q, D]}`` (the
+        teacher's taps) plus, with general points, ``"general_queries"`` [N_g, D] (the points drawn for this step)
+        and ``"general_logits"`` / ``"general_boxes"`` [N, N_g, ...] (the teacher's final layer on them).
+        """
+        taps = self.teacher.forward_taps(batch)
+        out = {"logits": taps["logits"], "boxes": taps["boxes"], "queries": taps["queries"]}
+        if self.use_general:
+            memory = taps["memory"]
+            q = self.teacher.sample_queries(self.num_general, distribution=self.distribution, device=memory.device)
+            dec = self.teacher.decode(taps, q)
+            out.update(general_queries=q, general_logits=dec["logits"][-1], general_boxes=dec["boxes"][-1])
+        return out
+
+    # ------------------------------------------------------------------ student side
+    def groups(self, teacher_taps: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Distillation groups: name -> (queries in the teacher's format, teacher logits [N, G, C'], boxes)."""
+        out = {}
+        if self.use_specific:
+            out["specific"] = (teacher_taps["queries"], teacher_taps["logits"][-1], teacher_taps["boxes"][-1])
+        if self.use_general:
+            t = teacher_taps
+            out["general"] = (t["general_queries"], t["general_logits"], t["general_boxes"])
+        return out
+
+    def student_queries(self, queries: Tensor) -> Tensor:
+        """Teacher-format queries (detached) -> the student's format (through the projection, if any)."""
+        queries = queries.detach()
+        return queries if self.projection is None else self.projection(queries)
+
+    def student_outputs(self, student_taps: dict[str, Any], queries: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """The student's ``{"logits": [L, N, G, C'], "boxes": [L, N, G, 4]}`` per group, every group in its own
+        decoder pass over the student's recorded memory (one batched call when the groups have equal sizes)."""
+        names = list(queries)
+        outs = self.student.decode_groups(student_taps, [self.student_queries(queries[n]) for n in names])
+        return dict(zip(names, outs, strict=True))
+
+    # ------------------------------------------------------------------ loss
+    def group_terms(self, student: dict[str, Tensor], t_logits: Tensor, t_boxes: Tensor) -> tuple[Tensor, ...]:
+        """Unweighted (L_cls, L_L1, L_GIoU) of one group, summed over the student's layers."""
+        w = foreground_weight(t_logits, self.teacher.logit_kind).detach()  # [N, G]
+        w_sum = w.sum().clamp_min(EPS)
+        div = class_divergence(student["logits"], t_logits.detach(), self.teacher.logit_kind, self.temperature,
+                               self.sigmoid_kl)
+        l_cls = (div * w).sum()
+        if self.normalize:
+            l_cls = l_cls / w_sum
+        l_l1 = (box_l1(student["boxes"], t_boxes.detach()) * w).sum() / w_sum
+        l_giou = (giou_loss(student["boxes"], t_boxes.detach()) * w).sum() / w_sum
+        return l_cls, l_l1, l_giou
+
+    def forward(self, student_out: TrainOutput, teacher_taps: dict[str, Any], batch: Batch) -> dict[str, Tensor]:
+        """Weighted ``{"kd_cls", "kd_l1", "kd_giou"}``, summed over the distillation groups."""
+        groups = self.groups(teacher_taps)
+        outs = self.student_outputs(student_out.taps, {n: g[0] for n, g in groups.items()})
+        totals = [torch.zeros((), device=batch.device) for _ in range(3)]
+        for name, (_, t_logits, t_boxes) in groups.items():
+            for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes)):
+                totals[i] = totals[i] + term
+        return {"kd_cls": self.w_cls * totals[0], "kd_l1": self.w_l1 * totals[1], "kd_giou": self.w_giou * totals[2]}
+
+
+# =========================================================================== compatibility
+def check_pair(teacher: Detector, student: Detector) -> None:
+    """Refuse, with one line, a teacher/student pair KD-DETR cannot distil."""
+    for role, det in (("teacher", teacher), ("student", student)):
+        if not hasattr(det, "decode_groups") or getattr(det, "family", "") != "detr":
+            raise KdctlError(f"kd-detr needs DETR-family models; the {role} is a {det.architecture} ({det.family})")
+        det.ops.check_decodable(det.model)
+    t, s = teacher, student
+    if list(t.label_names) != list(s.label_names):
+        raise KdctlError(
+            f"kd-detr: teacher and student label spaces differ (teacher {len(t.label_names)} labels "
+            f"{_short(t.label_names)}, student {len(s.label_names)} {_short(s.label_names)}); they must have the same "
+            "names in the same order (build the student from a preset to inherit the teacher's labels)"
+        )
+    if t.logit_kind != s.logit_kind:
+        raise KdctlError(
+            f"kd-detr: teacher {t.architecture} classifies with {t.logit_kind} and student {s.architecture} with "
+            f"{s.logit_kind}; their class outputs cannot be distilled (pick a student of the same kind)"
+        )
+    if t.query_kind != s.query_kind:
+        raise KdctlError(
+            f"kd-detr: teacher {t.architecture} uses {t.query_kind} queries and student {s.architecture} "
+            f"{s.query_kind} queries; distillation points cannot be shared (pick a student with the same query kind)"
+        )
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    return "[" + ", ".join(names[:n]) + (", ...]" if len(names) > n else "]")
