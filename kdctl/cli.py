@@ -21,15 +21,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-SPEC_HELP = (
-    "Model spec: hub id (user/name[@rev]), local dir (transformers or kdctl), run dir, "
-    "torchvision:NAME[:WEIGHTS] or a preset (detr-r18, fasterrcnn-r18-fpn, ...)."
-)
+SPEC_HELP = "Hub id (user/name[@rev]), model or run dir, torchvision:NAME[:WEIGHTS], or preset (detr-r18, ...)."
 
 
 def _version(value: bool) -> None:
@@ -50,7 +47,7 @@ def _root(
 
 
 # --------------------------------------------------------------------------- inspect
-@app.command()
+@app.command(short_help="Family, size, labels, input size and KD methods of a model.")
 def inspect(
     spec: Annotated[str, typer.Argument(help=SPEC_HELP)],
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -65,7 +62,7 @@ def inspect(
 
 
 # --------------------------------------------------------------------------- eval
-@app.command("eval")
+@app.command("eval", short_help="COCO mAP of a model on a split, or of a results file.")
 def eval_(
     model: Annotated[str | None, typer.Option("--model", "-m", help=SPEC_HELP)] = None,
     data: Annotated[Path | None, typer.Option(help="COCO dataset folder.")] = None,
@@ -141,7 +138,7 @@ def _run(task: str, opts: dict) -> None:
     run_training(task, opts)
 
 
-@app.command()
+@app.command(short_help="Train or fine-tune a detector without KD.")
 def train(
     model: Annotated[str | None, Opt("--model", "-m", help=SPEC_HELP)] = None,
     data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -155,7 +152,7 @@ def train(
     _run("train", locals())
 
 
-@app.command()
+@app.command(short_help="Distil a teacher into a student (DRKD, KD-DETR).")
 def distill(
     teacher: Annotated[str | None, Opt("--teacher", "-t", help="Teacher: " + SPEC_HELP)] = None,
     student: Annotated[str | None, Opt("--student", "-s", help="Student: " + SPEC_HELP)] = None,
@@ -171,7 +168,7 @@ def distill(
     _run("distill", locals())
 
 
-@app.command()
+@app.command(short_help="The whole pipeline on synthetic data, no download.")
 def quickstart(
     output: Annotated[Path, Opt(help="Folder for the dataset and the three runs.")] = Path("runs/quickstart"),
     device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
