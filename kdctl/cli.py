@@ -180,6 +180,45 @@ def quickstart(
     run(output, device=device, quiet=quiet)
 
 
+# --------------------------------------------------------------------------- export / push-to-hub
+@app.command()
+def export(
+    model: Annotated[str, Opt("--model", "-m", help="Run directory (exports its best/, else last/) or " + SPEC_HELP)],
+    output: Annotated[Path, Opt("--output", "-o", help="Output directory (must be empty unless --force).")],
+    format: Annotated[str, Opt("--format", "-f", help="hf (transformers dir; kdctl dir for CNNs), safetensors or onnx.")] = "hf",
+    half: Annotated[bool, Opt("--half", help="fp16 weights (hf/safetensors; not ONNX yet).")] = False,
+    opset: Annotated[int, Opt(min=11, help="ONNX opset.")] = 17,
+    imgsz: Annotated[int | None, Opt(min=32, help="ONNX example / fixed input side (default: the model's).")] = None,
+    force: Annotated[bool, Opt("--force", help="Write into a non-empty --output.")] = False,
+    trust_remote_code: Trust = False,
+) -> None:
+    """Export a model: transformers dir (pipeline-ready), safetensors + config, or ONNX (checked in onnxruntime).
+
+    ONNX: DETR / Conditional / DAB-DETR (dynamic batch and size), Deformable DETR (dynamic batch, fixed size),
+    Faster R-CNN / RetinaNet / FCOS (one image per run, dynamic size)."""
+    from kdctl.export import export_command
+
+    export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force,
+                   trust_remote_code=trust_remote_code)
+
+
+@app.command("push-to-hub")
+def push_to_hub(
+    model: Annotated[Path, Opt("--model", "-m", help="Run directory (or model directory) to publish.")],
+    repo_id: Annotated[str, Opt("--repo-id", help="Hub repository USER/NAME (created if needed).")],
+    private: Annotated[bool, Opt("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[str | None, Opt(help="Branch to push to (created if needed).")] = None,
+    commit_message: Annotated[str | None, Opt(help="Commit message.")] = None,
+    token: Annotated[str | None, Opt(help="Hub token (default: HF_TOKEN, then the `hf auth login` token).")] = None,
+    dry_run: Annotated[Path | None, Opt(help="Write what would be uploaded to this directory instead.")] = None,
+) -> None:
+    """Upload a student (transformers dir for DETRs, kdctl dir for CNNs) with a model card built from the run."""
+    from kdctl.hub import push_command
+
+    push_command(model, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+                 dry_run=dry_run)
+
+
 # --------------------------------------------------------------------------- data
 @data_app.command("synth")
 def data_synth(

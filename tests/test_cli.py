@@ -10,7 +10,7 @@ import pytest
 
 from kdctl.cli import main
 
-COMMANDS = [[], ["inspect"], ["eval"], ["data"], ["data", "synth"], ["data", "check"]]
+COMMANDS = [[], ["inspect"], ["eval"], ["data"], ["data", "synth"], ["data", "check"], ["export"], ["push-to-hub"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "root")
