@@ -301,11 +301,20 @@ class Trainer:
                 groups.append({"params": kd_params, "lr": self.lr})
         name = str(o["optimizer"]).lower()
         if name == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=float(o["momentum"]),
-                                   weight_decay=float(o["weight_decay"]))
-        if name == "adamw":
-            return torch.optim.AdamW(groups, lr=self.lr, weight_decay=float(o["weight_decay"]))
-        raise KdctlError(f"recipe optimizer {name!r}: use sgd or adamw")
+            cls, kw = torch.optim.SGD, {"momentum": float(o["momentum"]), "weight_decay": float(o["weight_decay"])}
+        elif name == "adamw":
+            cls, kw = torch.optim.AdamW, {"weight_decay": float(o["weight_decay"])}
+        else:
+            raise KdctlError(f"recipe optimizer {name!r}: use sgd or adamw")
+        # fused kernels (one pass over all parameters) when every parameter allows them: 2-4x faster steps
+        params = [p for g in groups for p in g["params"]]
+        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        if fusable:
+            try:
+                return cls(groups, lr=self.lr, fused=True, **kw)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return cls(groups, lr=self.lr, **kw)
 
     # ------------------------------------------------------------------ state
     def _state(self, pos: Position, rng: dict[str, Any]) -> dict[str, Any]:
