@@ -271,3 +271,14 @@ def test_offline_pretrained_backbone_warns_and_trains_from_scratch(tmp_path, syn
     assert "could not download the ImageNet weights of resnet18" in err and "from scratch" in err
     c, _ = read_config(r.run_dir / "config.toml")
     assert c.pretrained_backbone is False  # what actually happened is recorded
+
+
+def test_nan_weights_are_never_saved_as_best(tmp_path, tiny_retinanet, synth):
+    t = Trainer(cfg(tmp_path, tiny_retinanet, synth, name="nanbest", max_steps=1))
+    t.run()
+    best = (t.run_dir / "best" / "model.safetensors").read_bytes()
+    t.best_ap = -1.0  # any AP would now count as an improvement...
+    with torch.no_grad():
+        next(t.student.parameters()).fill_(float("nan"))  # ...but the weights are not finite
+    t._evaluate()
+    assert (t.run_dir / "best" / "model.safetensors").read_bytes() == best
