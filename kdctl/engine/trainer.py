@@ -350,7 +350,16 @@ class Trainer:
             self.setup()
             return self._run()
         finally:
+            self._close_loaders()
             D.teardown()
+
+    def _close_loaders(self) -> None:
+        """Stop persistent loader workers now, in this process (not at garbage collection, possibly in a fork)."""
+        for name in ("loader", "val_loader"):
+            it = getattr(getattr(self, name, None), "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+                getattr(self, name)._iterator = None
 
     def _run(self) -> RunResult:
         cfg, main = self.cfg, self.dist.is_main
