@@ -159,7 +159,7 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, *, check_files: bool 
         cat_ids.append(c["id"])
     for cid, n in Counter(cat_ids).items():
         if n > 1:
-            bad("duplicate category ids", cid)
+            bad("duplicate category ids", f"id {cid} used {n} times")
 
     images = raw["images"]
     if not images:
@@ -176,7 +176,7 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, *, check_files: bool 
         img_by_id[im["id"]] = im
     for iid, n in seen_img.items():
         if n > 1:
-            bad("duplicate image ids", iid)
+            bad("duplicate image ids", f"id {iid} used {n} times")
     if check_files:
         for im in img_by_id.values():
             if not (image_dir / im["file_name"]).is_file():
@@ -226,7 +226,7 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, *, check_files: bool 
         anns_by_image[a["image_id"]].append(b)
     for aid, n in seen_ann.items():
         if n > 1:
-            bad("duplicate annotation ids", aid)
+            bad("duplicate annotation ids", f"id {aid} used {n} times")
 
     if fatal:
         lines = [f"{ann_path}: invalid COCO dataset"]
