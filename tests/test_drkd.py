@@ -31,8 +31,6 @@ from kdctl.errors import KdctlError  # noqa: E402
 from kdctl.models.base import TrainOutput  # noqa: E402
 from kdctl.specs import load_detector  # noqa: E402
 
-torch.set_num_threads(1)
-
 NAMES = ["cat", "dog"]
 SMALL_RPN = {
     "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 100,

@@ -55,15 +55,6 @@ def tiny(preset: str, names: list[str] = NAMES, **extra) -> TorchvisionDetector:
     return load_detector(preset, label_names=names, pretrained_backbone=False, overrides={**TINY[preset], **extra})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is as fast, and immune to OpenMP stalls when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def batch() -> Batch:
     return make_batch()
