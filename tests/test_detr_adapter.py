@@ -378,3 +378,35 @@ def test_decode_gradients_reach_decoder(tiny_dirs, case):
     head = det.model.class_labels_classifier if case == "detr" else (
         det.model.class_embed if case == "dab" else det.model.class_embed[last])
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_from_scratch_backbone_norms_train_and_reload(tmp_path):
+    """Without ImageNet weights the backbone's BatchNorms must train (frozen, they would normalise nothing); a saved
+    model keeps them trainable in kdctl and still loads in plain transformers with the same predictions."""
+    import transformers
+    from torch import nn
+
+    from kdctl.data.batch import collate
+
+    small = {"encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "encoder_attention_heads": 2,
+             "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 5}
+    det = load_detector("detr-r18", label_names=["a", "b"], pretrained_backbone=False, overrides=small)
+    norms = [m for m in det.model.model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not any("Frozen" in type(m).__name__ for m in det.model.model.backbone.modules())
+    torch.manual_seed(0)
+    batch = collate([(torch.rand(3, 64, 64), {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]),
+                                              "labels": torch.tensor([1]), "orig_size": (64, 64)})] * 2)
+    before = norms[0].running_mean.clone()
+    det.train()
+    sum(det.forward_train(batch).losses.values()).backward()
+    assert norms[0].weight.grad is not None and not torch.equal(norms[0].running_mean, before)
+    det.save(tmp_path / "m")
+    back = load_detector(str(tmp_path / "m"))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in back.model.model.backbone.modules())
+    plain = transformers.DetrForObjectDetection.from_pretrained(tmp_path / "m").eval()
+    det.eval()
+    with torch.no_grad():
+        pv, mask = det.pixel_inputs(batch)
+        ours, theirs = det.model(pixel_values=pv, pixel_mask=mask), plain(pixel_values=pv, pixel_mask=mask)
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
+    assert torch.allclose(ours.pred_boxes, theirs.pred_boxes, atol=1e-5)

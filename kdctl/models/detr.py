@@ -654,6 +654,8 @@ def _load_checkpoint(r: Resolved, *, trust_remote_code: bool, overrides: dict[st
         except Exception as e:
             raise KdctlError(f"{path}: corrupt or unreadable weights ({_first_line(e)})") from e
     _check_loading_info(info, path)
+    if getattr(config, TRAINABLE_NORM_KEY, None) == "batchnorm":  # a from-scratch backbone keeps training its norms
+        train_backbone_norms(model)
     proc = _read_processor(path)
     imgsz = r.imgsz or _imgsz_from_processor(proc) or 640
     det = DetrDetector(
@@ -751,6 +753,8 @@ def _build_preset(
             raise KdctlError(f"preset {r.spec!r}: cannot build {ops.model_cls} ({_first_line(e)})") from e
     if pretrained_backbone:
         load_imagenet_backbone(model)
+    elif train_backbone_norms(model):
+        setattr(config, TRAINABLE_NORM_KEY, "batchnorm")
     config.use_pretrained_backbone = False
     return DetrDetector(model, list(label_names), ops.model_cls, imgsz=int(r.imgsz or 640))
 
@@ -761,6 +765,32 @@ def backbone_module(model: nn.Module) -> nn.Module:
     encoder = getattr(encoder, "conv_encoder", encoder)  # DAB-DETR wraps it once more
     net = encoder.model
     return getattr(net, "_backbone", net)  # the timm network inside transformers' TimmBackbone (DAB keeps it)
+
+
+TRAINABLE_NORM_KEY = "kdctl_backbone_norm"
+"""Config attribute kdctl sets to "batchnorm" on a DETR whose backbone was built without ImageNet weights."""
+
+
+def train_backbone_norms(model: nn.Module) -> int:
+    """Swap the backbone's frozen BatchNorm layers for trainable ``nn.BatchNorm2d`` ones; returns how many.
+
+    transformers freezes every backbone BatchNorm (statistics AND affine parameters), which is right for ImageNet
+    weights but leaves a backbone trained from scratch with no normalisation at all (it then barely learns).
+    ``nn.BatchNorm2d`` keeps the state-dict names (weight, bias, running_mean, running_var), and in eval mode it
+    computes exactly what the frozen layer computes with the same values, so a checkpoint still loads in plain
+    transformers (as frozen layers holding the learned statistics) and predicts the same.
+    """
+    count = 0
+    for parent in list(model.model.backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("FrozenBatchNorm2d"):
+                bn = nn.BatchNorm2d(child.weight.numel(), eps=1e-5).to(child.weight.device)
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(bn, key).copy_(getattr(child, key))
+                setattr(parent, name, bn)
+                count += 1
+    return count
 
 
 def load_imagenet_backbone(model: nn.Module) -> None:
