@@ -21,10 +21,8 @@ Target: eval images/s >= 0.9 x bare images/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -32,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _results import cpu_model, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd"
@@ -48,12 +48,7 @@ SCORE_THRESHOLD, MAX_DETECTIONS = 0.001, 100  # what Detector.predict uses in ev
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": threads, "device": device, "load_average": list(os.getloadavg())}
     for mod in ("torchvision", "transformers", "pycocotools"):
@@ -335,12 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(bench(name, imgsz, cd, args))
     report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine,
               "repeat": args.repeat, "workers": args.workers, "target": TARGET, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "eval_speed-small" if args.small else "eval_speed"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
-    print(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out, "eval_speed-small" if args.small else "eval_speed", report, markdown)
 
 
 if __name__ == "__main__":

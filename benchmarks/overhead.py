@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _results import cpu_model, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd"
 KINDS = ("student", "teacher", "distill")
@@ -60,12 +62,7 @@ def machine_info(devices: list[str], threads: int) -> dict[str, Any]:
     """CPU model and count, library versions, thread count, device name and load average."""
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": threads, "devices": devices, "load_average": list(os.getloadavg())}
     for mod in ("torchvision", "transformers"):
@@ -616,12 +613,7 @@ def main(argv: list[str] | None = None) -> None:
               "mem_steps": args.mem_steps, "threads": args.threads,
               "memory_definition": " / ".join(f"{k}: {v}" for k, v in MEMORY_DEFINITION.items()),
               "targets": {"time_ratio": TARGET_TIME, "memory_ratio": TARGET_MEMORY}, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "overhead-small" if args.small else "overhead"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
-    print(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out, "overhead-small" if args.small else "overhead", report, markdown)
 
 
 if __name__ == "__main__":

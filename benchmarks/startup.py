@@ -12,7 +12,6 @@ A bare ``python -c pass`` gives the interpreter's own floor on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -25,18 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _results import cpu_model, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 0.5
 HEAVY = ("torch", "torchvision", "transformers", "timm", "numpy", "pycocotools", "scipy", "safetensors", "PIL")
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "load_average": list(os.getloadavg())}
 
@@ -132,12 +128,7 @@ def main(argv: list[str] | None = None) -> None:
               "repeat": repeat, "target_s": TARGET_S, "results": results,
               "targets_met": all(r["median_s"] < TARGET_S for r in results if r["name"].startswith("kdctl"))
               and not any(r["imports"]["heavy_imported"] for r in results if r.get("imports"))}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "startup-small" if args.small else "startup"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
-    print(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out, "startup-small" if args.small else "startup", report, markdown)
 
 
 if __name__ == "__main__":
