@@ -378,7 +378,7 @@ class Trainer:
         step_times: list[float] = []
         result = RunResult(run_dir=self.run_dir, method=self.method)
         last_eval_step = -1
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[Tensor]] = {}
         try:
             while self.pos.step < self.total_steps:
                 epoch = self.pos.epoch
@@ -389,14 +389,14 @@ class Trainer:
                 t0 = time.perf_counter()
                 for batch in self.loader:
                     batch = batch.to(self.device, non_blocking=True)
-                    terms = self._micro_step(batch, window)
+                    self._micro_step(batch)
                     micro += 1
                     self.pos.batch += 1
                     last_in_epoch = self.pos.batch >= self.batches_per_epoch
                     if micro < cfg.grad_accum and not last_in_epoch:
                         continue
                     micro = 0
-                    self._optimizer_step(terms)
+                    self._optimizer_step(window)
                     if last_in_epoch:
                         self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
                     self._boundary, self._boundary_rng = Position(**vars(self.pos)), rng_state()
@@ -438,26 +438,27 @@ class Trainer:
             self._final_table(result)
         return result
 
-    def _micro_step(self, batch: Batch, window: dict[str, list[float]]) -> dict[str, Tensor]:
+    def _micro_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Forward + backward of one micro-batch. No host synchronisation: the loss terms stay on the device
+        until logging, and finiteness is checked once per optimiser step (:meth:`_optimizer_step`)."""
         dev_type = torch.device(self.device).type
         with torch.autocast(dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             terms = self.model(batch)
         total = sum(terms.values())
-        finite = D.all_true(bool(torch.isfinite(total).item()), self.dist, torch.device(self.device))
-        if not finite:
-            self._skip = True
-            return terms
-        self._skip = getattr(self, "_skip", False)
         self.scaler.scale(total / self.cfg.grad_accum).backward()
-        for k, v in terms.items():
-            window.setdefault(k, []).append(float(v.detach()))
-        window.setdefault("loss", []).append(float(total.detach()))
+        finite = torch.isfinite(total.detach())
+        self._finite = finite if getattr(self, "_finite", None) is None else self._finite & finite
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            pending = self._pending = []
+        pending.append({"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}})
         return terms
 
-    def _optimizer_step(self, terms: dict[str, Tensor]) -> None:
-        skip = getattr(self, "_skip", False)
-        self._skip = False
-        if skip:
+    def _optimizer_step(self, window: dict[str, list[Tensor]]) -> None:
+        # the one host sync of a step (as GradScaler's own inf check), agreed on by every rank
+        finite = D.all_true(bool(self._finite.item()), self.dist, torch.device(self.device))
+        pending, self._pending, self._finite = self._pending, None, None
+        if not finite:
             self.nonfinite += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.report.print(f"[yellow]warning:[/] non-finite loss at step {self.pos.step + 1}; step skipped "
@@ -469,6 +470,9 @@ class Trainer:
             self.pos.step += 1
             self.scheduler.step()
             return
+        for row in pending:
+            for k, v in row.items():
+                window.setdefault(k, []).append(v)
         self.nonfinite = 0
         clip = float(self.cfg.optim.get("clip_grad") or 0)
         if clip > 0:
@@ -481,8 +485,10 @@ class Trainer:
         self.scheduler.step()
         self.pos.step += 1
 
-    def _log(self, window: dict[str, list[float]], dt: float, epoch: int) -> None:
-        avg = {k: sum(v) / len(v) for k, v in window.items() if v}
+    def _log(self, window: dict[str, list[Tensor]], dt: float, epoch: int) -> None:
+        keys = [k for k in window if window[k]]
+        means = torch.stack([torch.stack(window[k]).float().mean() for k in keys]).tolist() if keys else []
+        avg = dict(zip(keys, means, strict=True))  # one host sync per logging step
         if self.dist.enabled:  # the logged losses are averaged over ranks
             keys = sorted(avg)
             t = D.all_reduce_mean(torch.tensor([avg[k] for k in keys], device=self.device, dtype=torch.float64),
