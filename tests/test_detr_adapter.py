@@ -410,3 +410,58 @@ def test_from_scratch_backbone_norms_train_and_reload(tmp_path):
         ours, theirs = det.model(pixel_values=pv, pixel_mask=mask), plain(pixel_values=pv, pixel_mask=mask)
     assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
     assert torch.allclose(ours.pred_boxes, theirs.pred_boxes, atol=1e-5)
+
+
+MOBILE = {"encoder_layers": 1, "decoder_layers": 1, "hidden_size": 32, "encoder_attention_heads": 2,
+          "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "num_queries": 5}
+
+
+def test_mobilenet_backbone_from_torchvision_weights(tmp_path):
+    """A torchvision mobilenet_v2 state dict loads into timm's mobilenetv2_100 inside a DAB-DETR, and the backbone
+    computes what torchvision's network computes: names mapped in order, and the activations transformers drops
+    (timm's BatchNormAct2d swapped for a frozen norm) restored, also after a save/load round trip."""
+    import torchvision
+
+    from kdctl.models.detr import backbone_module, restore_backbone_activations
+
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v2().eval()
+    with torch.no_grad():  # non-trivial statistics, so a dropped or misplaced norm shows
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(ref.state_dict(), tmp_path / "mobilenet_v2.pth")
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        want = ref.features[:18](x)
+    det = load_detector("dab-detr-mobilenet-v2-small", label_names=NAMES, pretrained_backbone=False,
+                        overrides={**MOBILE, "backbone_weights": str(tmp_path / "mobilenet_v2.pth")})
+    net = backbone_module(det.model).eval()
+    with torch.no_grad():
+        got = net(x)[-1]
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+    assert restore_backbone_activations(det.model) == 0  # already restored: no second activation
+    det.save(tmp_path / "m")
+    back = backbone_module(load_detector(str(tmp_path / "m")).model).eval()
+    with torch.no_grad():
+        assert torch.allclose(back(x)[-1], want, atol=1e-4)
+    bad = torchvision.models.resnet18().state_dict()
+    torch.save(bad, tmp_path / "resnet18.pth")
+    with pytest.raises(KdctlError, match="does not fit"):
+        load_detector("dab-detr-mobilenet-v2-small", label_names=NAMES, pretrained_backbone=False,
+                      overrides={**MOBILE, "backbone_weights": str(tmp_path / "resnet18.pth")})
+
+
+def test_mobilenet_backbone_from_scratch_keeps_activations():
+    """Built without ImageNet weights (trainable norms), the timm MobileNet backbone still has its activations."""
+    from kdctl.models.detr import backbone_module
+
+    det = load_detector("dab-detr-mobilenet-v2-small", label_names=NAMES, pretrained_backbone=False,
+                        overrides=MOBILE)
+    net = backbone_module(det.model).eval()
+    hooked = [m for m in net.modules() if getattr(m, "_kdctl_activation", False)]
+    assert len(hooked) > 30 and all(isinstance(m, torch.nn.BatchNorm2d) for m in hooked)
+    with torch.no_grad():
+        out = net.conv_stem(torch.rand(1, 3, 32, 32))
+        assert float(net.bn1(out).min()) >= 0.0  # ReLU6 after the stem's norm

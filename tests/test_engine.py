@@ -282,3 +282,22 @@ def test_nan_weights_are_never_saved_as_best(tmp_path, tiny_retinanet, synth):
         next(t.student.parameters()).fill_(float("nan"))  # ...but the weights are not finite
     t._evaluate()
     assert (t.run_dir / "best" / "model.safetensors").read_bytes() == best
+
+
+def test_backbone_weights_from_a_local_file(tmp_path, synth, tiny_retinanet):
+    """--backbone-weights loads a local ImageNet state dict into a preset student (no download) and is recorded;
+    a model that already has its weights refuses it."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    state = resnet18().state_dict()
+    torch.save(state, tmp_path / "resnet18.pth")
+    r = train(cfg(tmp_path, "retinanet-r18-fpn", synth, name="bw", max_steps=1, backbone_weights=str(tmp_path / "resnet18.pth"),
+                  optim={"lr": 0.0}))
+    w = weights(r.run_dir)
+    stem = next(v for k, v in w.items() if k.endswith("body.conv1.weight"))
+    assert torch.equal(stem, state["conv1.weight"])  # lr 0: the file's weights, untouched
+    c, _ = read_config(r.run_dir / "config.toml")
+    assert c.backbone_weights and Path(c.backbone_weights).name == "resnet18.pth"
+    with pytest.raises(KdctlError, match="--backbone-weights applies to a model built from a preset"):
+        train(cfg(tmp_path, tiny_retinanet, synth, name="bw2", max_steps=1, backbone_weights=str(tmp_path / "resnet18.pth")))

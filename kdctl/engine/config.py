@@ -60,6 +60,7 @@ class RunConfig:
     recipe: str | None = None
     quiet: bool = False
     pretrained_backbone: bool = True
+    backbone_weights: str | None = None  # a local ImageNet state dict for a preset student's backbone
     trust_remote_code: bool = False
     hflip: float = 0.5
     optim: dict[str, Any] = field(default_factory=dict)

@@ -200,9 +200,16 @@ class Trainer:
         # the method's overrides (e.g. KD-DETR: the teacher's query count) shape only students built from presets
         fresh = last is None and student_r.kind == "preset"
 
+        over = dict(student_over) if fresh else {}
+        if cfg.backbone_weights and fresh:
+            over["backbone_weights"] = str(Path(cfg.backbone_weights).expanduser().resolve())
+        elif cfg.backbone_weights and last is None:
+            raise KdctlError(f"--backbone-weights applies to a model built from a preset; {student_r.spec} already "
+                             "has its weights")
+
         def build_student(pretrained: bool):
             return load_detector(student_src, label_names=student_names, pretrained_backbone=pretrained,
-                                 trust_remote_code=cfg.trust_remote_code, overrides=student_over if fresh else {})
+                                 trust_remote_code=cfg.trust_remote_code, overrides=over)
 
         try:
             self.student = build_student(cfg.pretrained_backbone)

@@ -656,6 +656,7 @@ def _load_checkpoint(r: Resolved, *, trust_remote_code: bool, overrides: dict[st
     _check_loading_info(info, path)
     if getattr(config, TRAINABLE_NORM_KEY, None) == "batchnorm":  # a from-scratch backbone keeps training its norms
         train_backbone_norms(model)
+    restore_backbone_activations(model)
     proc = _read_processor(path)
     imgsz = r.imgsz or _imgsz_from_processor(proc) or 640
     det = DetrDetector(
@@ -739,6 +740,7 @@ def _build_preset(
         )
     config_cls, model_cls = getattr(transformers, ops.config_cls), getattr(transformers, ops.model_cls)
     kwargs = {**r.config, **overrides}
+    weights_file = kwargs.pop("backbone_weights", None)  # a local ImageNet state dict (timm or torchvision names)
     _check_config_keys(config_cls, list(kwargs), f"preset {r.spec!r}")
     if ops.model_type == "deformable_detr" and int(kwargs.get("decoder_layers", 6)) < 2:
         raise KdctlError(f"preset {r.spec!r}: Deformable DETR needs decoder_layers >= 2 (transformers ties its heads)")
@@ -751,10 +753,13 @@ def _build_preset(
             model = model_cls(config)
         except Exception as e:
             raise KdctlError(f"preset {r.spec!r}: cannot build {ops.model_cls} ({_first_line(e)})") from e
-    if pretrained_backbone:
+    if weights_file:
+        load_backbone_file(model, Path(str(weights_file)).expanduser(), f"preset {r.spec!r}")
+    elif pretrained_backbone:
         load_imagenet_backbone(model)
     elif train_backbone_norms(model):
         setattr(config, TRAINABLE_NORM_KEY, "batchnorm")
+    restore_backbone_activations(model)
     config.use_pretrained_backbone = False
     return DetrDetector(model, list(label_names), ops.model_cls, imgsz=int(r.imgsz or 640))
 
@@ -791,6 +796,84 @@ def train_backbone_norms(model: nn.Module) -> int:
                 setattr(parent, name, bn)
                 count += 1
     return count
+
+
+class _ActivationHook:
+    """Forward hook applying ``act`` to a module's output (the activation of a timm ``BatchNormAct2d``)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        self.act = act
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        return self.act(output)
+
+
+def restore_backbone_activations(model: nn.Module) -> int:
+    """Give back the activations transformers drops from timm backbones; returns how many were restored.
+
+    transformers replaces every BatchNorm of a DETR's timm backbone with its frozen BatchNorm. timm's EfficientNet
+    family (MobileNet-V2/V3, EfficientNet, ...) uses ``BatchNormAct2d``, a BatchNorm that also applies the block's
+    activation, so after the swap those backbones have no non-linearity left (ResNets, with separate activation
+    modules, are unaffected). kdctl re-attaches each lost activation as a forward hook on the replacement norm:
+    the state dict is unchanged (a kdctl checkpoint still loads in plain transformers, which then computes the
+    broken network), and the backbone computes what timm's network computes.
+    """
+    bcfg = getattr(model.config, "backbone_config", None)
+    if getattr(bcfg, "model_type", None) != "timm_backbone":
+        return 0
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    net = backbone_module(model)
+    with torch.device("meta"):  # the reference layout only: no weights allocated, nothing downloaded
+        ref = timm.create_model(bcfg.backbone, pretrained=False, features_only=bcfg.features_only,
+                                in_chans=bcfg.num_channels, out_indices=bcfg.out_indices,
+                                output_stride=bcfg.output_stride)
+    count = 0
+    for name, module in ref.named_modules():
+        if not isinstance(module, BatchNormAct2d) or isinstance(module.act, nn.Identity):
+            continue
+        target = net.get_submodule(name)
+        if isinstance(target, BatchNormAct2d) or getattr(target, "_kdctl_activation", False):
+            continue
+        if any(True for _ in module.act.parameters()):
+            raise KdctlError(f"timm backbone {bcfg.backbone!r}: activation {type(module.act).__name__} with "
+                             "parameters in a BatchNormAct2d is not supported")
+        act = module.act
+        if hasattr(act, "inplace"):
+            act.inplace = False
+        target.register_forward_hook(_ActivationHook(act))
+        target._kdctl_activation = True
+        count += 1
+    return count
+
+
+def load_backbone_file(model: nn.Module, path: Path, where: str) -> None:
+    """ImageNet weights from a local file into the model's timm backbone.
+
+    The file holds either timm's names or those of the matching torchvision classifier (e.g. torchvision's
+    ``mobilenet_v2-b0353104.pth`` for timm's ``mobilenetv2_100``, the same network): torchvision names are matched
+    to timm's in definition order, tensor by tensor, and every shape must agree (a classifier's head, absent from a
+    features-only backbone, is ignored). Read with safetensors or ``torch.load(weights_only=True)``.
+    """
+    from kdctl.models.torchvision import _read_state_file
+
+    state = _read_state_file(path)
+    target = backbone_module(model)
+    own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if not set(own) <= set(state):  # not timm names: map torchvision's, in order
+        ordered = [(k, v) for k, v in state.items() if k.startswith("features.") and
+                   not k.endswith("num_batches_tracked") and isinstance(v, torch.Tensor)]
+        pairs = list(zip(own.items(), ordered, strict=False))
+        bad = [(a, b) for (a, va), (b, vb) in pairs if va.shape != vb.shape]
+        if len(ordered) < len(own) or bad:
+            raise KdctlError(f"{where}: {path} does not fit the {model.config.backbone_config.backbone!r} backbone "
+                             f"({len(ordered)} feature tensors for {len(own)}; first mismatch {bad[:1]})")
+        state = {a: vb for (a, _), (_, vb) in pairs}
+    missing, _ = target.load_state_dict({k: state[k] for k in own}, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise KdctlError(f"{where}: {path} lacks backbone weights {missing[:3]}")
 
 
 def load_imagenet_backbone(model: nn.Module) -> None:
