@@ -465,3 +465,22 @@ def test_mobilenet_backbone_from_scratch_keeps_activations():
     with torch.no_grad():
         out = net.conv_stem(torch.rand(1, 3, 32, 32))
         assert float(net.bn1(out).min()) >= 0.0  # ReLU6 after the stem's norm
+
+
+@pytest.mark.parametrize("preset", ["detr-r18", "dab-detr-r18", "conditional-detr-r18", "deformable-detr-r18"])
+def test_fresh_queries_use_the_official_initialisation(preset):
+    """Presets draw their query embeddings from N(0, 1) as the official code does (transformers' init_std 0.02
+    would put every DAB-DETR anchor at about (0.5, 0.5, 0.5, 0.5): identical queries, collapsed predictions)."""
+    det = load_detector(preset, label_names=NAMES, pretrained_backbone=False, overrides={**SMALL, "num_queries": 100})
+    q = det.learned_queries().detach()
+    assert 0.5 < float(q.std()) < 2.0
+    if preset.startswith("dab"):
+        assert float(q.sigmoid().std(0).min()) > 0.1  # anchors spread over the image, not all at the centre
+
+
+def test_random_refpoints_xy_centres_are_uniform():
+    det = load_detector("dab-detr-r18", label_names=NAMES, pretrained_backbone=False,
+                        overrides={**SMALL, "num_queries": 200, "random_refpoints_xy": True})
+    xy = det.learned_queries().detach()[:, :2].sigmoid()
+    assert float(xy.min()) >= 0.0 and float(xy.max()) <= 1.0 and abs(float(xy.mean()) - 0.5) < 0.1
+    assert float(xy.std()) > 0.2  # uniform on [0, 1]: std 0.29

@@ -753,6 +753,7 @@ def _build_preset(
             model = model_cls(config)
         except Exception as e:
             raise KdctlError(f"preset {r.spec!r}: cannot build {ops.model_cls} ({_first_line(e)})") from e
+    init_queries(model)
     if weights_file:
         load_backbone_file(model, Path(str(weights_file)).expanduser(), f"preset {r.spec!r}")
     elif pretrained_backbone:
@@ -796,6 +797,28 @@ def train_backbone_norms(model: nn.Module) -> int:
                 setattr(parent, name, bn)
                 count += 1
     return count
+
+
+@torch.no_grad()
+def init_queries(model: nn.Module) -> None:
+    """Initialise a freshly built model's learned queries as the official implementations do.
+
+    The official DETR, Conditional DETR, DAB-DETR and Deformable DETR code keep ``nn.Embedding``'s default
+    N(0, 1) initialisation for their query embeddings (DAB-DETR: anchors ``sigmoid(N(0, 1))``; with
+    ``random_refpoints_xy`` the centres uniform in [0, 1]). transformers' ``_init_weights`` redraws every embedding
+    with std ``init_std`` = 0.02, which puts all DAB-DETR anchors at about (0.5, 0.5, 0.5, 0.5): identical queries
+    make identical predictions, and a DAB-DETR trained from that start collapses (every query predicts the same
+    box). Only models built from presets are re-initialised; checkpoints keep their weights.
+    """
+    inner = model.model
+    for name in ("query_position_embeddings", "query_refpoint_embeddings"):
+        emb = getattr(inner, name, None)
+        if isinstance(emb, nn.Embedding):
+            emb.weight.normal_()
+    refs = getattr(inner, "query_refpoint_embeddings", None)
+    if isinstance(refs, nn.Embedding) and getattr(model.config, "random_refpoints_xy", False):
+        xy = refs.weight[:, :2].uniform_(0, 1).clamp(1e-5, 1 - 1e-5)
+        refs.weight[:, :2] = torch.log(xy / (1 - xy))
 
 
 class _ActivationHook:
