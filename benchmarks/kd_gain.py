@@ -263,6 +263,9 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
                     pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim),
                     kd={k: dict(v) for k, v in plan.kd.items()} if task == "distill" else {})
+    done = args.work / "runs" / args.mode / (pair or plan.pair) / task / name
+    if args.reuse and (done / "eval" / "last.json").is_file() and (done / "last").is_dir():
+        return reused_run(done, task, plan, name)
     t0 = time.perf_counter()
     r = train(cfg)
     secs = time.perf_counter() - t0
@@ -272,6 +275,19 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
            "run_dir": str(r.run_dir)}
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
         f"{r.steps} steps, method {r.method})")
+    return out
+
+
+def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str) -> dict[str, Any]:
+    """The record of a finished run of an earlier invocation (``--reuse``): final val metrics, steps, time."""
+    m = json.loads((run_dir / "eval" / "last.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["time_per_step"] for r in rows if r.get("type") == "train" and "time_per_step" in r]
+    out = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2), "AP75": round(100 * m["AP75"], 2),
+           "method": plan.method if task == "distill" else "none", "seconds": None,
+           "step_time": round(statistics.median(times), 4) if times else None, "steps": m.get("step"),
+           "run_dir": str(run_dir), "reused": True}
+    log(f"{plan.pair} {name}: AP {out['AP']:.1f} (reused {run_dir})")
     return out
 
 
@@ -481,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", default=None, help="reuse a trained teacher (run dir) instead of training one")
     p.add_argument("--jobs", type=int, default=None,
                    help="pairs run in parallel processes with --pair all (default on CPU: 2 if >= 2 cores, else 1)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse runs finished by an earlier invocation (same pair, mode and name) instead of training "
+                        "them again, e.g. to add seeds")
     p.add_argument("--render", action="store_true", help="only rewrite OUT/kd_gain.md from OUT/kd_gain.json")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
