@@ -74,6 +74,12 @@ FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the p
         "timm MobileNet backbones inside transformers DETRs lose every activation (timm's BatchNormAct2d is swapped "
         "for a frozen BatchNorm); kdctl restores them, checked to 1e-6 against torchvision's mobilenet_v2.",
     ],
+    "kd-detr-dab-detr-synth": [
+        "The BCCD pair (--pair dab-detr, with the two fixes below) was stopped: its teacher was at 0.04 AP after 10 of "
+        "30 epochs (520 steps), every query giving the same class scores; a DETR-family teacher needs far more "
+        "steps than a CPU budget allows, so the pairing ran on this synthetic set (issue #7 allows it).",
+        "The 720-step students barely start (2 AP): the synthetic result says nothing about the method's potential.",
+    ],
     "kd-detr-detr": [
         "A plain DETR teacher (detr-mobilenet-v2, ImageNet backbone) was still at 0.0 AP after 10 of 30 epochs "
         "(BCCD, 320 px, CPU): DETR's slow convergence puts a useful DETR teacher out of a CPU budget, so the DETR "
@@ -471,7 +477,8 @@ def markdown(doc: dict[str, Any]) -> str:
                   *([f"- teacher: `{p['teacher']['run_dir']}` ({p['teacher']['note']}; its training time is not in "
                       "the time column)"] if (p.get("teacher") or {}).get("note") else []),
                   *[f"- {n}" for n in p["plan"]["notes"]],
-                  *[f"- finding: {n}" for n in FINDINGS.get(key, [])],
+                  *[f"- finding: {n}" for n in FINDINGS.get(key, []) + (FINDINGS.get("kd-detr-dab-detr", [])
+                                                                  if key == "kd-detr-dab-detr-synth" else [])],
                   f"- machine: {json.dumps(p['machine'])}", f"- command: `{p['command']}`"]
     return "\n".join(lines) + "\n"
 
