@@ -30,3 +30,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def machine_line(m: dict[str, Any], *, device: bool = False) -> str:
+    """The "Machine:" line of a report from its ``machine`` record (``device``: name the device the runs used)."""
+    gpu = m.get("gpu")
+    where = (f", device {m['device']}" + (f" ({gpu})" if gpu else "")) if device else (f", GPU {gpu}" if gpu else "")
+    return (f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']}, torchvision {m['torchvision']}, "
+            f"transformers {m['transformers']}, {m['torch_threads']} torch thread(s){where}, "
+            f"load average at start {m['load_average'][0]:.2f}  ")

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _results import cpu_model, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
+from _results import cpu_model, machine_line, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd"
@@ -266,9 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Evaluation throughput", "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']}, torchvision {m['torchvision']}, "
-        f"transformers {m['transformers']}, {m['torch_threads']} torch thread(s), device {m['device']}"
-        + (f" ({m['gpu']})" if m.get("gpu") else "") + f", load average at start {m['load_average'][0]:.2f}  ",
+        machine_line(m, device=True),
         f"Data: BCCD val ({report['results'][0]['images'] if report['results'] else '?'} images), random-weight "
         f"models, score threshold {SCORE_THRESHOLD}, {MAX_DETECTIONS} detections/image, loader workers "
         f"{report['workers']}; medians of {report['repeat']} interleaved rounds of "

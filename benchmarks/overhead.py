@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _results import cpu_model, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
+from _results import cpu_model, machine_line, write_results  # benchmarks/_results.py (run as python benchmarks/X.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd"
@@ -506,9 +506,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Distillation overhead", "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']}, torchvision {m['torchvision']}, "
-        f"transformers {m['transformers']}, {m['torch_threads']} torch thread(s)"
-        + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f", load average at start {m['load_average'][0]:.2f}  ",
+        machine_line(m),
         f"Steps: {report['warmup']} warm-up + {report['steps']} measured rounds, interleaved a, b, c; medians of process "
         "CPU time on CPU (1 thread: unaffected by other processes waiting for the cores), wall time on CUDA. "
         f"Memory: fresh process per configuration, {report['mem_steps']} steps; " + report["memory_definition"], "",
