@@ -87,6 +87,9 @@ def set_threads(threads: int) -> None:
         pass
 
 
+CHANNELS_LAST = {"auto": None, "on": True, "off": False}  # --channels-last -> RunConfig.channels_last
+
+
 # =========================================================================== set-up
 @dataclass
 class Setup:
@@ -96,6 +99,8 @@ class Setup:
     device: str
     batches: list
     amp: Any = None
+    teacher_amp: Any = None
+    channels_last: bool = False
     clip: float = 0.0
     teacher: Any = None
     student: Any = None
@@ -142,14 +147,16 @@ def build(method: str, args: argparse.Namespace, device: str, need: tuple[str, .
 
     from kdctl.distill.base import distiller_class
     from kdctl.engine.config import effective_lr
-    from kdctl.engine.trainer import Objective, amp_dtype
+    from kdctl.engine.trainer import Objective, amp_dtype, teacher_amp_dtype, to_channels_last, use_channels_last
     from kdctl.specs import load_detector
 
     t_spec, s_spec, t_over, s_over = (SMALL_PAIRS if args.small else PAIRS)[method]
     t_spec, s_spec = args.teacher or t_spec, args.student or s_spec
     batches, names = load_batches(args.imgsz, args.batch_size, 2, device)
     cfg = recipe_for(s_spec, method, args.batch_size)
-    st = Setup(method=method, device=device, batches=batches, amp=amp_dtype(args.amp, device),
+    amp = amp_dtype(args.amp, device)
+    st = Setup(method=method, device=device, batches=batches, amp=amp, teacher_amp=teacher_amp_dtype(
+               args.teacher_amp, device, amp),
                clip=float(cfg.optim.get("clip_grad") or 0.0))
     st.specs = {"teacher": t_spec, "student": s_spec, "teacher_overrides": t_over, "student_overrides": s_over}
     torch.manual_seed(0)
@@ -177,32 +184,24 @@ def build(method: str, args: argparse.Namespace, device: str, need: tuple[str, .
         st.student = student.to(device).train()
     if "distill" in need:
         st.distiller = dist_cls(st.teacher, st.student, **cfg.kd.get(method, {})).to(device)
+    st.channels_last = use_channels_last(CHANNELS_LAST[args.channels_last], device)
+    if st.channels_last:
+        to_channels_last(st.teacher, st.student, st.distiller)
     if st.student is not None:
         st.optimizer = make_optimizer(st.student, st.distiller, cfg, effective_lr(cfg))
-        st.objectives = {"student": Objective(st.student), "distill": Objective(st.student, st.distiller)}
+        st.objectives = {"student": Objective(st.student),
+                         "distill": Objective(st.student, st.distiller, teacher_amp=st.teacher_amp)}
     return st
 
 
 def make_optimizer(student, distiller, cfg, lr: float):
-    """The Trainer's parameter groups and optimiser, at the lr of the first warm-up step."""
-    import torch
+    """The Trainer's optimiser (:func:`kdctl.engine.trainer.build_optimizer`: its parameter groups, fused kernels),
+    at the lr of the first warm-up step."""
+    from kdctl.engine.trainer import build_optimizer
 
     o = cfg.optim
     lr = lr * float(o.get("warmup_factor", 1.0)) if int(o.get("warmup_steps", 0)) > 0 else lr
-    backbone, other = [], []
-    for n, p in student.named_parameters():
-        if p.requires_grad:
-            (backbone if "backbone" in n and "fpn" not in n else other).append(p)
-    groups = [{"params": other, "lr": lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr * float(o.get("backbone_lr_mult", 1.0))})
-    if distiller is not None:
-        kd = [p for p in distiller.parameters() if p.requires_grad]
-        if kd:
-            groups.append({"params": kd, "lr": lr})
-    if str(o["optimizer"]).lower() == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=float(o["weight_decay"]))
-    return torch.optim.SGD(groups, lr=lr, momentum=float(o["momentum"]), weight_decay=float(o["weight_decay"]))
+    return build_optimizer(student, distiller, o, lr)
 
 
 def release_memory() -> None:
@@ -246,18 +245,20 @@ def train_step(st: Setup, kind: str, batch) -> bool:
 
 
 def teacher_step(st: Setup, batch) -> bool:
-    """(b): the teacher's KD internals without grad, eval mode (``forward_taps``)."""
+    """(b): the teacher's KD internals without grad, eval mode (``forward_taps``), in the teacher's precision."""
     import torch
 
-    with torch.no_grad(), autocast(st):
+    dev = torch.device(st.device).type
+    with torch.no_grad(), torch.autocast(dev, dtype=st.teacher_amp or torch.float32, enabled=st.teacher_amp is not None):
         st.teacher.forward_taps(batch)
     return True
 
 
 def teacher_kd_step(st: Setup, batch) -> bool:
-    """The teacher work the method itself asks for (``distiller.teacher_taps``: KD-DETR adds a decoder pass)."""
+    """The teacher work the method itself asks for (``distiller.teacher_taps``: KD-DETR adds a decoder pass), as
+    the engine runs it (``Objective.teacher_taps``: the teacher's precision, taps cast back to the step's)."""
     with autocast(st):
-        st.distiller.teacher_taps(batch)
+        st.objectives["distill"].teacher_taps(batch)
     return True
 
 
@@ -336,7 +337,7 @@ def distill_phases(st: Setup, batch) -> dict[str, float]:
         sync(st.device)
         out["student_forward_train"] = now() - t0
         t0 = now()
-        taps = st.distiller.teacher_taps(batch)
+        taps = st.objectives["distill"].teacher_taps(batch)
         sync(st.device)
         out["teacher_taps"] = now() - t0
         t0 = now()
@@ -440,7 +441,9 @@ def measure_memory(method: str, kind: str, args: argparse.Namespace, device: str
                HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-method", method, "--worker-kind", kind,
            "--device", device, "--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--amp", args.amp, "--mem-steps", str(args.mem_steps)]
+           "--threads", str(args.threads), "--amp", args.amp, "--teacher-amp", args.teacher_amp,
+           "--channels-last", args.channels_last,
+           "--mem-steps", str(args.mem_steps)]
     cmd += ["--small"] if args.small else []
     cmd += ["--teacher", args.teacher] if args.teacher else []
     cmd += ["--student", args.student] if args.student else []
@@ -464,7 +467,8 @@ def bench_method(method: str, args: argparse.Namespace, device: str) -> dict[str
     res: dict[str, Any] = {
         "method": method, "device": device, **st.specs, "imgsz": args.imgsz, "batch_size": args.batch_size,
         "amp": str(st.amp).removeprefix("torch.") if st.amp else "off",
-        "optimizer": type(st.optimizer).__name__, "clip_grad": st.clip,
+        "teacher_amp": str(st.teacher_amp).removeprefix("torch.") if st.teacher_amp else "off",
+        "channels_last": st.channels_last, "optimizer": type(st.optimizer).__name__, "clip_grad": st.clip,
         "params_m": {"teacher": st.teacher.num_parameters() / 1e6, "student": st.student.num_parameters() / 1e6,
                      "distiller": sum(p.numel() for p in st.distiller.parameters()) / 1e6},
             "time_basis": "wall" if wall_basis(st) else "process CPU time",
@@ -510,9 +514,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Steps: {report['warmup']} warm-up + {report['steps']} measured rounds, interleaved a, b, c; medians of process "
         "CPU time on CPU (1 thread: unaffected by other processes waiting for the cores), wall time on CUDA. "
         f"Memory: fresh process per configuration, {report['mem_steps']} steps; " + report["memory_definition"], "",
-        "| method | device | teacher -> student | imgsz x batch | (a) student step | (b) teacher taps | (c) KD step "
+        "| method | device | teacher -> student | imgsz x batch | NHWC, teacher precision | (a) student step | (b) teacher taps | (c) KD step "
         "| time c/(a+b) | mem a / b / c | mem c/(a+b) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         t = r["time"]
@@ -523,7 +527,7 @@ def markdown(report: dict[str, Any]) -> str:
         if r["time_basis"] != "wall":
             ratio_t += f" (wall {r['time_ratio_wall']:.2f})"
         lines.append(f"| {r['method']} | {r['device']} | {r['teacher']} -> {r['student']} | {r['imgsz']} x "
-                     f"{r['batch_size']} | {fmt_s(t['student']['median_s'])} | {fmt_s(t['teacher']['median_s'])} | "
+                     f"{r['batch_size']} | {'on' if r.get('channels_last') else 'off'}, {r.get('teacher_amp', 'off')} | {fmt_s(t['student']['median_s'])} | {fmt_s(t['teacher']['median_s'])} | "
                      f"{fmt_s(t['distill']['median_s'])} | {ratio_t} | {mem_s} | {ratio_m} |")
     lines += ["", f"Targets: time ratio <= {TARGET_TIME}, memory ratio <= {TARGET_MEMORY}.", ""]
     for r in report["results"]:
@@ -535,7 +539,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("Distillation step by phase (medians, synchronised): "
                      + ", ".join(f"{k} {fmt_s(v)}" for k, v in ph.items()) + ".  ")
         lines.append(f"Parameters (M): teacher {r['params_m']['teacher']:.1f}, student {r['params_m']['student']:.1f}, "
-                     f"distiller {r['params_m']['distiller']:.1f}; optimiser {r['optimizer']}, amp {r['amp']}.")
+                     f"distiller {r['params_m']['distiller']:.1f}; optimiser {r['optimizer']}, amp {r['amp']}, "
+                     f"teacher precision {r.get('teacher_amp', 'off')}, "
+                     f"channels-last {'on' if r.get('channels_last') else 'off'}.")
         if not all(r["time"][k]["all_finite"] for k in KINDS):
             lines.append("Warning: some steps had a non-finite loss (their backward/step was skipped).")
         if "profile" in r:
@@ -567,6 +573,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; 1 with --small)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared machines)")
     p.add_argument("--amp", default="auto", help="engine --amp: auto (bf16 on CUDA, off on CPU), bf16, fp16, off")
+    p.add_argument("--teacher-amp", default="auto", help="engine --teacher-amp: auto, bf16, fp16, off")
+    p.add_argument("--channels-last", default="auto", choices=sorted(CHANNELS_LAST),
+                   help="engine --channels-last / --no-channels-last (auto: the engine's default)")
     p.add_argument("--teacher", default=None, help="override the method's teacher spec")
     p.add_argument("--student", default=None, help="override the method's student spec")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run by each memory subprocess")

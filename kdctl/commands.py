@@ -166,6 +166,7 @@ def eval_model(
     output: Path = Path("runs"),
     name: str | None = None,
     trust_remote_code: bool = False,
+    channels_last: bool = True,
 ):
     """``kdctl eval --model``: validate data first, load the model, predict, score with pycocotools."""
     from kdctl.data.coco import load_label_map
@@ -177,12 +178,15 @@ def eval_model(
 
     from kdctl.engine.evaluate import evaluate_detector
     from kdctl.engine.rundir import new_run_dir, resolve_device
+    from kdctl.engine.trainer import to_channels_last
     from kdctl.specs import load_detector
 
     dev = resolve_device(device)
     det = load_detector(spec, label_names=cd.names, pretrained_backbone=False, trust_remote_code=trust_remote_code)
     det.set_classes(cd.names, lm)
     det.to(dev).eval()
+    if channels_last:
+        to_channels_last(det)
     c = console()
     results: list[dict] = []
     with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=c,
@@ -208,6 +212,7 @@ def eval_model(
 
 # --------------------------------------------------------------------------- train / distill
 CLI_TO_CONFIG = {"student": "model"}
+EXPLICIT_FLAGS = {"channels_last"}  # --x/--no-x flags whose False was given (their default is None)
 
 
 def run_training(task: str, opts: dict[str, Any]):
@@ -222,7 +227,7 @@ def run_training(task: str, opts: dict[str, Any]):
     no_pre = opts.pop("no_pretrained_backbone", False)
     given: dict[str, Any] = {}
     for k, v in opts.items():
-        if v is None or (isinstance(v, bool) and not v):
+        if v is None or (isinstance(v, bool) and not v and k not in EXPLICIT_FLAGS):
             continue
         key = CLI_TO_CONFIG.get(k, k)
         given[key] = str(v) if isinstance(v, Path) else v

@@ -484,3 +484,24 @@ def test_random_refpoints_xy_centres_are_uniform():
     xy = det.learned_queries().detach()[:, :2].sigmoid()
     assert float(xy.min()) >= 0.0 and float(xy.max()) <= 1.0 and abs(float(xy.mean()) - 0.5) < 0.1
     assert float(xy.std()) > 0.2  # uniform on [0, 1]: std 0.29
+
+
+@pytest.mark.parametrize("case", ["detr", "dab", "deformable-2stage"])
+def test_channels_last_gives_the_same_predictions(tiny_dirs, case):
+    """The engine's NHWC layout (``to_channels_last``, on by default) runs the backbone's convolutions channels-last:
+    the taps and detections equal the NCHW model's."""
+    from kdctl.engine.trainer import to_channels_last
+
+    ref, det = load_case(tiny_dirs, case), load_case(tiny_dirs, case)
+    to_channels_last(det)
+    conv = next(m for m in det.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    batch = make_batch()
+    with torch.no_grad():
+        a, b = ref.forward_taps(batch), det.forward_taps(batch)
+        pa, pb = ref.predict(batch), det.predict(batch)
+    assert (a["logits"] - b["logits"]).abs().max() < 1e-4
+    assert (a["boxes"] - b["boxes"]).abs().max() < 1e-4
+    for x, y in zip(pa, pb, strict=True):  # random models tie many scores: the order among equal scores is free
+        assert torch.allclose(x["scores"].sort().values, y["scores"].sort().values, atol=1e-4)
+        assert len(x["boxes"]) == len(y["boxes"]) and torch.cdist(y["boxes"], x["boxes"]).min(1).values.max() < 0.5

@@ -434,3 +434,38 @@ def test_bf16_autocast_matches_float32(models):
     for k in ref:
         assert low[k].dtype == torch.float32 and torch.isfinite(low[k])
         assert float(low[k]) == pytest.approx(float(ref[k]), rel=0.05), k
+
+
+def test_channels_last_gives_the_same_terms_and_gradients():
+    """The engine's default NHWC layout (teacher, student and distiller moved with ``to_channels_last``) changes
+    only how the convolutions run: every DRKD term, the student's detection losses and the gradients equal the
+    NCHW run's to float tolerance, and the activations really are channels-last."""
+    from kdctl.engine.trainer import to_channels_last
+
+    batch = make_batch()
+
+    def run(nhwc: bool):
+        teacher = tiny("fasterrcnn-r18-fpn", 32, seed=2).eval()
+        student = tiny("fasterrcnn-r18-fpn", 16, seed=1).train()
+        torch.manual_seed(7)
+        d = DRKD(teacher, student).train()
+        if nhwc:
+            to_channels_last(teacher, student, d)
+        out, t = taps_of(student, teacher, batch)
+        terms = d(out, t, batch)
+        total = sum(terms.values()) + sum(out.losses.values())
+        total.backward()
+        grads = {f"s.{k}": p.grad for k, p in student.named_parameters() if p.grad is not None}
+        grads.update({f"d.{k}": p.grad for k, p in d.named_parameters() if p.grad is not None})
+        feat = out.taps["features"][min(out.taps["features"])]
+        return {k: float(v) for k, v in {**terms, **out.losses}.items()}, grads, feat
+
+    ref_terms, ref_grads, ref_feat = run(False)
+    terms, grads, feat = run(True)
+    assert ref_feat.is_contiguous() and feat.is_contiguous(memory_format=torch.channels_last)
+    assert terms.keys() == ref_terms.keys()
+    for k in ref_terms:
+        assert terms[k] == pytest.approx(ref_terms[k], rel=1e-4, abs=1e-6), k
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        assert torch.allclose(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5), k

@@ -301,3 +301,70 @@ def test_backbone_weights_from_a_local_file(tmp_path, synth, tiny_retinanet):
     assert c.backbone_weights and Path(c.backbone_weights).name == "resnet18.pth"
     with pytest.raises(KdctlError, match="--backbone-weights applies to a model built from a preset"):
         train(cfg(tmp_path, tiny_retinanet, synth, name="bw2", max_steps=1, backbone_weights=str(tmp_path / "resnet18.pth")))
+
+
+def test_channels_last_is_a_layout_not_a_model_change(tmp_path, tiny_retinanet, synth, monkeypatch):
+    """Default: teacher, student and distiller run channels-last; the checkpoint holds the same values as an NCHW
+    run's (ordinary contiguous tensors, loadable anywhere); --no-channels-last keeps NCHW and is kept on resume."""
+    monkeypatch.setitem(registry.METHODS, "test-mse", ("cnn", "cnn", "test_engine:_FeatureMSE"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    kw = dict(task="distill", teacher=tiny_retinanet, method="test-mse", max_steps=2, kd={"test-mse": {"weight": 2.0}},
+              teacher_amp="off")
+
+    def conv_weights(t: Trainer) -> list[torch.Tensor]:
+        mods = [*t.teacher.modules(), *t.student.modules(), *t.distiller.modules()]
+        return [m.weight for m in mods if isinstance(m, torch.nn.Conv2d)]
+
+    on = Trainer(cfg(tmp_path, tiny_retinanet, synth, name="nhwc", **kw))
+    r_on = on.run()
+    assert on.channels_last
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(on))
+    assert all(not w.is_contiguous() for w in conv_weights(on) if w.shape[-1] > 1)  # 1x1 kernels are both layouts
+    off = Trainer(cfg(tmp_path, tiny_retinanet, synth, name="nchw", channels_last=False, **kw))
+    r_off = off.run()
+    assert not off.channels_last and all(w.is_contiguous() for w in conv_weights(off))
+    a, b = weights(r_on.run_dir), weights(r_off.run_dir)
+    init = load_file(str(Path(tiny_retinanet) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], init[k], rtol=1e-4, atol=1e-6) for k in a)  # the steps did change weights
+    # the CLI flag is recorded and survives --resume
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", tiny_retinanet, "--data", str(synth), "--max-steps", "1", "--batch-size", "2",
+              "--imgsz", "64", "--device", "cpu", "--workers", "0", "--output", str(tmp_path / "runs"), "--name",
+              "flag", "--no-channels-last", "--quiet"])
+    assert e.value.code in (0, None)
+    run = tmp_path / "runs" / "train" / "flag"
+    assert read_config(run / "config.toml")[0].channels_last is False
+    t = Trainer(resume=run, overrides={"max_steps": 2})
+    t.setup()
+    assert not t.channels_last
+
+
+def test_teacher_precision(tmp_path, tiny_retinanet, synth, monkeypatch):
+    """--teacher-amp: the teacher's forward runs in bf16 while the student's step stays float32; the taps reach the
+    distiller as float32 and close to the float32 teacher's (but not equal: the teacher really ran in bf16)."""
+    from kdctl.engine.trainer import Objective, native_bf16, teacher_amp_dtype
+
+    assert teacher_amp_dtype("off", "cpu", None) is None
+    assert teacher_amp_dtype("bf16", "cpu", None) is torch.bfloat16
+    assert teacher_amp_dtype("auto", "cpu", torch.bfloat16) is torch.bfloat16  # follows --amp when set
+    assert teacher_amp_dtype("auto", "cpu", None) is (torch.bfloat16 if native_bf16("cpu") else None)
+    with pytest.raises(KdctlError, match="--teacher-amp fp16 needs a CUDA device"):
+        teacher_amp_dtype("fp16", "cpu", None)
+
+    monkeypatch.setitem(registry.METHODS, "test-mse", ("cnn", "cnn", "test_engine:_FeatureMSE"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    t = Trainer(cfg(tmp_path, tiny_retinanet, synth, task="distill", teacher=tiny_retinanet, method="test-mse",
+                    name="bf16", max_steps=1, teacher_amp="bf16"))
+    r = t.run()
+    assert t.teacher_amp is torch.bfloat16 and t.amp is None
+    assert read_config(r.run_dir / "config.toml")[1]["teacher_amp"] == "bfloat16"
+    batch = next(iter(t.loader))
+    taps16 = t.objective.teacher_taps(batch)
+    taps32 = Objective(t.student, t.distiller, teacher_amp=None).teacher_taps(batch)
+    for s in taps32["features"]:
+        a, b = taps16["features"][s], taps32["features"][s]
+        assert a.dtype == torch.float32
+        err = ((a - b).norm() / b.norm()).item()
+        assert 0 < err < 0.05, (s, err)

@@ -128,7 +128,7 @@ class GloReUnit(nn.Module):
         """x: [N, C, h, w] -> (E' [N, C, Nn], proj [N, Nn, hw], shift [C]) with ``G(x) = x + E' proj + shift``."""
         hw = x.shape[-2] * x.shape[-1]
         flat = x.flatten(2)  # [N, C, hw]
-        proj = self.conv_proj(x).flatten(2)  # [N, Nn, hw]
+        proj = conv1x1(x, self.conv_proj.weight, self.conv_proj.bias).flatten(2)  # [N, Nn, hw]
         pbar = proj.mean(-1, dtype=_wide(proj.dtype))  # [N, Nn]: per-image mean of proj
         # X proj^T / hw, scaled inside the GEMM (no fp16 overflow, no scaled copy of proj)
         pooled = torch.baddbmm(flat.new_zeros(()), flat, proj.transpose(1, 2), beta=0, alpha=1.0 / hw)  # [N, C, Nn]
@@ -367,7 +367,10 @@ class DRKD(Distiller):
         adapt = self.pixel_adapt[k]
         w = adapt.weight.flatten(1)  # [Ct, Cs]
         bias = adapt.bias + w @ shift_s - shift_t  # [Ct]
-        base = (F.conv2d(s, adapt.weight, bias) - t).flatten(2)  # [N, Ct, hw]
+        base = (conv1x1(s, adapt.weight, bias) - t).flatten(2)  # [N, Ct, hw]
+        if not base.is_contiguous() and base.transpose(1, 2).is_contiguous():  # channels-last: pixel-major GEMMs
+            diff = torch.baddbmm(base.transpose(1, 2), ps.transpose(1, 2), (w @ es).transpose(1, 2))
+            return torch.baddbmm(diff, pt.transpose(1, 2), et.transpose(1, 2), alpha=-1).transpose(1, 2)
         return torch.baddbmm(torch.baddbmm(base, w @ es, ps), et, pt, alpha=-1)
 
     def instance_losses(
@@ -413,6 +416,17 @@ class DRKD(Distiller):
         if self.normalize:  # RMS * sqrt(reference element count) = ||diff|| * 2 * sqrt(7.3 / n_inst)
             return torch.linalg.vector_norm(diff) * REFERENCE_IMAGES * math.sqrt(REFERENCE_BOXES / n_inst)
         return torch.linalg.vector_norm(diff, dim=(1, 2)).sum()
+
+
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 kernel, x [N, C, h, w] -> [N, O, h, w], in the input's layout.
+
+    Channels-last input: one GEMM ``x W^T`` over the [N, h, w, C] view, output channels-last, no layout conversion
+    (a 1x1 convolution of a small batch runs on CPU as an im2col GEMM that converts to NCHW and back).
+    """
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.conv2d(x, weight, bias)
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:

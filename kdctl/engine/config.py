@@ -53,6 +53,8 @@ class RunConfig:
     workers: int = 2
     grad_accum: int = 1
     amp: str = "auto"
+    teacher_amp: str = "auto"  # the teacher's forward precision (see kdctl.engine.trainer.teacher_amp_dtype)
+    channels_last: bool | None = None  # NHWC convolutions; None = auto (see kdctl.engine.trainer.use_channels_last)
     eval_every: int = 1
     log_every: int = 10
     name: str | None = None

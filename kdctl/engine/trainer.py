@@ -52,20 +52,43 @@ class Objective(nn.Module):
     """Student (+ distiller) as one module, so DDP sees every trainable parameter.
 
     ``forward(batch)`` -> dict of scalar loss terms (detection terms, then ``kd_*`` terms).
+
+    ``teacher_amp``: the autocast dtype the teacher's work (:meth:`teacher_taps`) runs in, whatever the step's own
+    autocast (None: float32). When the step itself runs in float32, the teacher's floating-point taps are cast
+    back to float32, so the KD loss is computed in the student's precision.
     """
 
-    def __init__(self, student: nn.Module, distiller: nn.Module | None = None) -> None:
+    def __init__(self, student: nn.Module, distiller: nn.Module | None = None,
+                 teacher_amp: torch.dtype | None = None) -> None:
         super().__init__()
         self.student = student
         self.distiller = distiller
+        self.teacher_amp = teacher_amp
+
+    def teacher_taps(self, batch: Batch) -> dict[str, Any]:
+        dev = batch.images.device.type
+        outer = torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, dtype=self.teacher_amp or torch.float32, enabled=self.teacher_amp is not None):
+            taps = self.distiller.teacher_taps(batch)
+        return taps if outer or self.teacher_amp is None else to_float32(taps)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         out = self.student.forward_train(batch)
         terms = dict(out.losses)
         if self.distiller is not None:
-            t_taps = self.distiller.teacher_taps(batch)
-            terms.update(self.distiller(out, t_taps, batch))
+            terms.update(self.distiller(out, self.teacher_taps(batch), batch))
         return terms
+
+
+def to_float32(tree: Any) -> Any:
+    """Every floating-point tensor of a nested dict / list / tuple as float32 (other leaves unchanged)."""
+    if isinstance(tree, Tensor):
+        return tree.float() if tree.is_floating_point() and tree.dtype != torch.float32 else tree
+    if isinstance(tree, dict):
+        return {k: to_float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_float32(v) for v in tree)
+    return tree
 
 
 @dataclass
@@ -106,12 +129,93 @@ def amp_dtype(amp: str, device: str) -> torch.dtype | None:
     raise KdctlError(f"--amp {amp!r}: use auto, bf16, fp16 or off")
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16 (Ampere or newer), or a CPU with AMX or
+    AVX512-BF16 (oneDNN then runs bf16 convolutions and matmuls 2-3x faster than float32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def teacher_amp_dtype(setting: str, device: str, student_amp: torch.dtype | None) -> torch.dtype | None:
+    """--teacher-amp auto|bf16|fp16|off -> the autocast dtype of the teacher's forward (None = float32).
+
+    auto: the student's --amp dtype when it has one; otherwise bfloat16 where the device computes it natively
+    (:func:`native_bf16`), else float32. The teacher only runs inference, so its precision costs the student
+    nothing in optimisation; its taps come back as float32 when the student's step is float32.
+    """
+    setting = setting.lower()
+    if setting == "auto":
+        if student_amp is not None:
+            return student_amp
+        return torch.bfloat16 if native_bf16(device) else None
+    try:
+        return amp_dtype(setting, device)
+    except KdctlError as e:
+        raise KdctlError(str(e).replace("--amp", "--teacher-amp")) from None
+
+
+def use_channels_last(setting: bool | None, device: str) -> bool:
+    """--channels-last / --no-channels-last; auto (None): on.
+
+    Channels-last (NHWC) is the layout oneDNN (CPU) and cuDNN tensor cores (CUDA, with AMP) run convolutions in;
+    in the default NCHW layout every convolution converts its input and output. Measured on a 2-core CPU
+    (``benchmarks/overhead.py --channels-last on|off``): see ``benchmarks/results/overhead.md``. Only 4-d
+    parameters, buffers and activations change layout; values, state dicts and checkpoints do not.
+    """
+    return True if setting is None else bool(setting)
+
+
+def to_channels_last(*modules: nn.Module | None) -> None:
+    """Move the 4-d parameters and buffers of ``modules`` to channels-last, in place (teacher, student,
+    distiller). Convolutions then produce channels-last activations from any input layout."""
+    for m in modules:
+        if m is not None:
+            m.to(memory_format=torch.channels_last)
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_optimizer(student: nn.Module, distiller: nn.Module | None, o: dict[str, Any],
+                    lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimiser (``[optim]``: sgd | adamw) over three parameter groups: the student's non-backbone
+    parameters, its backbone (lr x ``backbone_lr_mult``) and the distiller's trainable modules."""
+    backbone, other = [], []
+    for n, p in student.named_parameters():
+        if p.requires_grad:
+            (backbone if "backbone" in n and "fpn" not in n else other).append(p)
+    groups = [{"params": other, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * float(o.get("backbone_lr_mult", 1.0))})
+    if distiller is not None:
+        kd_params = [p for p in distiller.parameters() if p.requires_grad]
+        if kd_params:
+            groups.append({"params": kd_params, "lr": lr})
+    name = str(o["optimizer"]).lower()
+    if name == "sgd":
+        cls, kw = torch.optim.SGD, {"momentum": float(o["momentum"]), "weight_decay": float(o["weight_decay"])}
+    elif name == "adamw":
+        cls, kw = torch.optim.AdamW, {"weight_decay": float(o["weight_decay"])}
+    else:
+        raise KdctlError(f"recipe optimizer {name!r}: use sgd or adamw")
+    # fused kernels (one pass over all parameters) when every parameter allows them: 2-4x faster steps
+    params = [p for g in groups for p in g["params"]]
+    if all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return cls(groups, lr=lr, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return cls(groups, lr=lr, **kw)
 
 
 class Trainer:
@@ -227,6 +331,9 @@ class Trainer:
         self.distiller = None
         if dist_cls is not None:
             self.distiller = dist_cls(self.teacher, self.student, **cfg.kd.get(self.method, {})).to(device)
+        self.channels_last = use_channels_last(cfg.channels_last, device)
+        if self.channels_last:
+            to_channels_last(self.teacher, self.student, self.distiller)
 
         # data loaders: a per-rank share of the global batch; augmentation seeded per sample
         per_rank = cfg.batch_size // self.dist.world
@@ -249,7 +356,9 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
         # model, optimiser, schedule, AMP
-        self.objective = Objective(self.student, self.distiller)
+        self.amp = amp_dtype(cfg.amp, device)
+        self.teacher_amp = teacher_amp_dtype(cfg.teacher_amp, device, self.amp) if self.teacher is not None else None
+        self.objective = Objective(self.student, self.distiller, teacher_amp=self.teacher_amp)
         self.model: nn.Module = self.objective
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -262,7 +371,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, o["warmup_steps"], o["warmup_factor"], o["milestones"],
                                       o["gamma"]))
-        self.amp = amp_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
 
         # run directory
@@ -285,43 +393,19 @@ class Trainer:
             write_config(self.run_dir / "config.toml", cfg, {
                 "method": self.method, "lr": self.lr, "device": device, "world_size": self.dist.world,
                 "amp": str(self.amp).removeprefix("torch.") if self.amp else "off",
+                "teacher_amp": str(self.teacher_amp).removeprefix("torch.") if self.teacher_amp else "off",
+                "channels_last": self.channels_last,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "student": self.student.architecture, "teacher": self.teacher.architecture if self.teacher else "",
                 "classes": list(names),
             })
         if self.teacher is not None:
             self.report.print(f"method: {self.method} (teacher {self.teacher.architecture} -> student "
-                              f"{self.student.architecture})")
+                              f"{self.student.architecture}); teacher precision "
+                              f"{str(self.teacher_amp).removeprefix('torch.') if self.teacher_amp else 'float32'}")
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        backbone, other = [], []
-        for n, p in self.student.named_parameters():
-            if p.requires_grad:
-                (backbone if "backbone" in n and "fpn" not in n else other).append(p)
-        groups = [{"params": other, "lr": self.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.lr * float(o.get("backbone_lr_mult", 1.0))})
-        if self.distiller is not None:
-            kd_params = [p for p in self.distiller.parameters() if p.requires_grad]
-            if kd_params:
-                groups.append({"params": kd_params, "lr": self.lr})
-        name = str(o["optimizer"]).lower()
-        if name == "sgd":
-            cls, kw = torch.optim.SGD, {"momentum": float(o["momentum"]), "weight_decay": float(o["weight_decay"])}
-        elif name == "adamw":
-            cls, kw = torch.optim.AdamW, {"weight_decay": float(o["weight_decay"])}
-        else:
-            raise KdctlError(f"recipe optimizer {name!r}: use sgd or adamw")
-        # fused kernels (one pass over all parameters) when every parameter allows them: 2-4x faster steps
-        params = [p for g in groups for p in g["params"]]
-        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        if fusable:
-            try:
-                return cls(groups, lr=self.lr, fused=True, **kw)
-            except (RuntimeError, TypeError, ValueError):
-                pass
-        return cls(groups, lr=self.lr, **kw)
+        return build_optimizer(self.student, self.distiller, self.cfg.optim, self.lr)
 
     # ------------------------------------------------------------------ state
     def _state(self, pos: Position, rng: dict[str, Any]) -> dict[str, Any]:
