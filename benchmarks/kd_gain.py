@@ -14,6 +14,7 @@ stand-in for a hub checkpoint):
 * ``retinanet`` (DRKD): the ``fcos`` pair's teacher (same strides P3-P7) -> RetinaNet MobileNet-V2 x0.5 from
   scratch.
 * ``dab-detr`` (KD-DETR): DAB-DETR 6+6 layers, d 256 -> DAB-DETR 2+3 layers, d 128, both on the ImageNet backbone.
+* ``fcos-synth`` (DRKD): the quickstart's FCOS pair and budget on its synthetic set (160 px, 8 student epochs).
 * ``dab-detr-synth`` (KD-DETR): the same DAB-DETRs on an easy synthetic set (1-3 shapes per image, 160 px).
 * ``detr`` (KD-DETR): DETR 6+6 -> DETR 2+3, both on the ImageNet backbone (a GPU job: see the findings).
 
@@ -73,6 +74,15 @@ FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the p
         "backbone has frozen, identity BatchNorms (kdctl now trains them).",
         "timm MobileNet backbones inside transformers DETRs lose every activation (timm's BatchNormAct2d is swapped "
         "for a frozen BatchNorm); kdctl restores them, checked to 1e-6 against torchvision's mobilenet_v2.",
+    ],
+    "drkd-fcos-synth": [
+        "Seed 1's distilled student collapsed: its FCOS box branch (a ReLU on the regression output) was dead from "
+        "step 20 on (GIoU loss 1.0 for the whole run, 0.0 AP). The same seed gave 23.0 AP (+2.6) with "
+        "--channels-last off --teacher-amp off, 23.9 (+3.5) with --channels-last off (bf16 teacher) and 0.0 with "
+        "--channels-last on --teacher-amp off: float32 rounding decides whether this run falls into the dead-ReLU "
+        "state (NHWC and NCHW agree to 1e-12 in float64, so the layout itself is not wrong). A KD weight ramp over "
+        "the first third of training did not prevent it (2.6 AP, box loss 1.0 until step 200). The undistilled "
+        "students of all seeds escaped the same state (their box loss starts at 1.0 too).",
     ],
     "kd-detr-dab-detr-synth": [
         "The BCCD pair (--pair dab-detr, with the two fixes below) was stopped: its teacher was at 0.04 AP after 10 of "
@@ -134,6 +144,11 @@ SMALL = {
                                  "from-scratch student stayed at 1.1-1.4 AP after 10-12 epochs (lr 0.0025 or 0.005)",
                                  "gradient clipping at norm 35 (mmdetection's RetinaNet setting; lr 0.01 without it "
                                  "diverged)"]),
+    "fcos-synth": PairPlan("fcos-synth", "drkd", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "synth", imgsz=160,
+                          batch_size=8, teacher_epochs=12, student_epochs=8, synth_images=400,
+                          synth_size=(128, 192),
+                          notes=["the kdctl quickstart's pairing and budget on its synthetic set (400 images of "
+                                 "1-8 shapes, 280 train / 80 val, 160 px); teacher and student from scratch"]),
     "dab-detr": PairPlan("dab-detr", "kd-detr", "dab-detr-mobilenet-v2", "dab-detr-mobilenet-v2-small", "bccd",
                          imgsz=320, batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True,
                          student_imagenet=True, teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
@@ -162,6 +177,7 @@ FULL = {
                            "student: from scratch (GroupNorm)"]),
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=36, student_epochs=24, eval_every=4)
        for k in ("fasterrcnn", "retinanet")},
+    "fcos-synth": replace(SMALL["fcos-synth"], imgsz=320, teacher_epochs=24, student_epochs=16),
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr")},
 }
 
@@ -271,7 +287,9 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
                     pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim),
-                    kd={k: dict(v) for k, v in plan.kd.items()} if task == "distill" else {})
+                    kd={k: dict(v) for k, v in plan.kd.items()} if task == "distill" else {},
+                    teacher_amp=args.teacher_amp,
+                    channels_last=None if args.channels_last is None else args.channels_last == "on")
     done = args.work / "runs" / args.mode / (pair or plan.pair) / task / name
     if args.reuse and (done / "eval" / "last.json").is_file() and (done / "last").is_dir():
         return reused_run(done, task, plan, name)
@@ -326,6 +344,8 @@ def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: d
         "teacher_model": plan.teacher, "student_model": plan.student, "imgsz": plan.imgsz,
         "batch_size": plan.batch_size, "epochs": {"teacher": plan.teacher_epochs, "student": plan.student_epochs},
         "max_steps": args.max_steps, "seeds": seeds[:n], "teacher": teacher,
+        "engine": {"teacher_amp": getattr(args, "teacher_amp", "auto"), "channels_last": getattr(args, "channels_last", None)
+                   or "default (on)"},
         "student": summary(s_ap), "student_kd": summary(k_ap),
         "gain": gain, "gain_per_seed": [round(k - s, 2) for s, k in zip(s_ap[:n], k_ap[:n], strict=True)],
         "target": target, "target_met": None if gain is None else gain >= target,
@@ -514,6 +534,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reuse runs finished by an earlier invocation (same pair, mode and name) instead of training "
                         "them again, e.g. to add seeds")
     p.add_argument("--render", action="store_true", help="only rewrite OUT/kd_gain.md from OUT/kd_gain.json")
+    p.add_argument("--teacher-amp", default="auto", help="engine --teacher-amp of the distillation runs (auto, bf16, "
+                   "fp16, off); off reproduces runs made before kdctl ran teachers in bf16")
+    p.add_argument("--channels-last", choices=("on", "off"), default=None,
+                   help="engine --channels-last / --no-channels-last (default: the engine's, on)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     args.mode = "small" if args.small else "full"
