@@ -315,6 +315,9 @@ class Trainer:
             return load_detector(student_src, label_names=student_names, pretrained_backbone=pretrained,
                                  trust_remote_code=cfg.trust_remote_code, overrides=over)
 
+        # the student's random init depends on --seed only, not on what was built before it (the teacher): a
+        # distillation run starts from exactly the student its `kdctl train` baseline with the same seed starts from
+        torch.manual_seed(cfg.seed)
         try:
             self.student = build_student(cfg.pretrained_backbone)
         except BackboneWeightsUnavailable as e:  # offline: say so in one line and train from scratch
