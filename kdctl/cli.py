@@ -122,8 +122,8 @@ TeacherAmp = Annotated[str | None, Opt(
          "runs it natively; else float32), bf16, fp16, off.")]
 ChannelsLast = Annotated[bool | None, Opt(
     "--channels-last/--no-channels-last",
-    help="Channels-last (NHWC) convolutions for teacher, student and distiller (default: on; faster on CPU and "
-         "CUDA).")]
+    help="Channels-last (NHWC) convolutions for teacher, student and distiller (default: on; the layout fast "
+         "bf16/fp16 convolutions need on AMX CPUs and CUDA tensor cores).")]
 EvalEvery = Annotated[int | None, Opt(min=1, help="Evaluate every N epochs (and always at the end).")]
 LogEvery = Annotated[int | None, Opt(min=1, help="Log every N steps.")]
 Name = Annotated[str | None, Opt(help="Run name under OUTPUT/TASK (auto-numbered: exp, exp2, ...).")]
