@@ -97,7 +97,7 @@ FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the p
         "steps than a CPU budget allows, so the pairing ran on this synthetic set (issue #7 allows it).",
         "With 12 student epochs (720 steps) both students barely started: 2.3 AP without KD, 2.1 with KD-DETR. The "
         "table is the 30-epoch schedule (the teacher's): at epoch 10 / 20 / 30 the student had 1.7 / 3.8 / 7.0 AP "
-        "without KD and 1.5 / 7.8 / 12.4 with KD-DETR (seed 0).",
+        "without KD and 1.5 / 7.8 / 12.4 with KD-DETR (seed 0); seed 1: 2.7 / 6.2 / 7.2 without, 1.2 / 5.8 / 9.1 with.",
         "These runs used an fp32 teacher in NCHW (--teacher-amp off --channels-last off), the engine's behaviour "
         "when they started; the students start from saved ImageNet-backbone inits, identical with and without KD.",
     ],
