@@ -184,7 +184,7 @@ def build(method: str, args: argparse.Namespace, device: str, need: tuple[str, .
         st.student = student.to(device).train()
     if "distill" in need:
         st.distiller = dist_cls(st.teacher, st.student, **cfg.kd.get(method, {})).to(device)
-    st.channels_last = use_channels_last(CHANNELS_LAST[args.channels_last], device)
+    st.channels_last = use_channels_last(CHANNELS_LAST[args.channels_last])
     if st.channels_last:
         to_channels_last(st.teacher, st.student, st.distiller)
     if st.student is not None:

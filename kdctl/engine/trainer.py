@@ -159,7 +159,7 @@ def teacher_amp_dtype(setting: str, device: str, student_amp: torch.dtype | None
         raise KdctlError(str(e).replace("--amp", "--teacher-amp")) from None
 
 
-def use_channels_last(setting: bool | None, device: str) -> bool:
+def use_channels_last(setting: bool | None) -> bool:
     """--channels-last / --no-channels-last; auto (None): on.
 
     Channels-last (NHWC) is the layout in which oneDNN's AMX kernels (CPU) and cuDNN's tensor cores (CUDA) run
@@ -334,7 +334,7 @@ class Trainer:
         self.distiller = None
         if dist_cls is not None:
             self.distiller = dist_cls(self.teacher, self.student, **cfg.kd.get(self.method, {})).to(device)
-        self.channels_last = use_channels_last(cfg.channels_last, device)
+        self.channels_last = use_channels_last(cfg.channels_last)
         if self.channels_last:
             to_channels_last(self.teacher, self.student, self.distiller)
 
