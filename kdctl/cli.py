@@ -7,13 +7,14 @@ prefixed with ``error:`` and exit with code 2.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, worker_message
 
 app = typer.Typer(
     name="kdctl",
@@ -111,7 +112,19 @@ Epochs = Annotated[int | None, Opt(min=1, help="Epochs (default: the recipe's)."
 MaxSteps = Annotated[int | None, Opt(min=1, help="Stop after this many optimiser steps (overrides --epochs).")]
 BatchSize = Annotated[int | None, Opt(min=1, help="Global batch size, split over processes (default: recipe).")]
 Imgsz = Annotated[int | None, Opt(min=32, help="Longer image side in pixels (default: recipe / model).")]
-Lr = Annotated[float | None, Opt(help="Learning rate (default: the recipe's, scaled with the batch size).")]
+
+
+def _positive_finite(value: float | None) -> float | None:
+    """Option callback: a hyper-parameter must be a finite number > 0 (nan, inf and negatives are refused)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise KdctlError(f"--lr {value}: must be a finite number greater than 0")
+    return value
+
+
+Lr = Annotated[float | None, Opt(callback=_positive_finite,
+                                 help="Learning rate (default: the recipe's, scaled with the batch size).")]
 Device = Annotated[str | None, Opt(help="auto, cpu, cuda or cuda:N.")]
 Seed = Annotated[int | None, Opt(help="Random seed.")]
 Workers = Annotated[int | None, Opt(min=0, help="DataLoader worker processes.")]
@@ -126,6 +139,9 @@ ChannelsLast = Annotated[bool | None, Opt(
          "bf16/fp16 convolutions need on AMX CPUs and CUDA tensor cores).")]
 EvalEvery = Annotated[int | None, Opt(min=1, help="Evaluate every N epochs (and always at the end).")]
 LogEvery = Annotated[int | None, Opt(min=1, help="Log every N steps.")]
+SaveEvery = Annotated[int | None, Opt(min=0, help=(
+    "Also checkpoint last/ every N optimiser steps within an epoch (0: at epoch ends only; default: every 500 "
+    "steps when an epoch is longer than that)."))]
 Name = Annotated[str | None, Opt(help="Run name under OUTPUT/TASK (auto-numbered: exp, exp2, ...).")]
 Output = Annotated[Path | None, Opt(help="Runs folder (default runs/).")]
 Recipe = Annotated[str | None, Opt(help="Recipe preset (cnn, retinanet, detr, ...; default: by architecture).")]
@@ -156,7 +172,7 @@ def train(
     data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, channels_last: ChannelsLast = None, eval_every: EvalEvery = None,
-    log_every: LogEvery = None,
+    log_every: LogEvery = None, save_every_steps: SaveEvery = None,
     name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
     label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
@@ -175,7 +191,8 @@ def distill(
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, teacher_amp: TeacherAmp = None,
     channels_last: ChannelsLast = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
-    name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
+    save_every_steps: SaveEvery = None, name: Name = None, output: Output = None, recipe: Recipe = None,
+    resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
     label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
     trust_remote_code: Trust = False,
@@ -226,13 +243,15 @@ def push_to_hub(
     revision: Annotated[str | None, Opt(help="Branch to push to (created if needed).")] = None,
     commit_message: Annotated[str | None, Opt(help="Commit message.")] = None,
     token: Annotated[str | None, Opt(help="Hub token (default: HF_TOKEN, then the `hf auth login` token).")] = None,
-    dry_run: Annotated[Path | None, Opt(help="Write what would be uploaded to this directory instead.")] = None,
+    dry_run: Annotated[Path | None, Opt(
+        help="Write what would be uploaded to this directory instead (must be empty unless --force).")] = None,
+    force: Annotated[bool, Opt("--force", help="Write into a non-empty --dry-run directory.")] = False,
 ) -> None:
     """Upload a student (transformers dir for DETRs, kdctl dir for CNNs) with a model card built from the run."""
     from kdctl.hub import push_command
 
     push_command(model, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
-                 dry_run=dry_run)
+                 dry_run=dry_run, force=force)
 
 
 # --------------------------------------------------------------------------- data
@@ -252,26 +271,41 @@ def data_synth(
 def data_check(
     data: Annotated[Path, typer.Argument(help="COCO dataset folder.")],
     split: Annotated[str | None, typer.Option(help="Only this split (default: every split present).")] = None,
+    deep: Annotated[bool, typer.Option(
+        "--deep", help="Decode every image in full (slower; by default each file's header and end are read).")] = False,
 ) -> None:
-    """Validate a COCO dataset folder and print its statistics (exit 2 on a fatal problem)."""
+    """Validate a COCO dataset folder and print its statistics (exit 2 on a fatal problem).
+
+    Every image file is opened: unreadable or truncated files, and sizes that differ from the annotation's
+    width/height (with the EXIF orientation applied where that makes them match), are fatal."""
     from kdctl.commands import check_data
 
-    check_data(data, split=split)
+    check_data(data, split=split, deep=deep)
 
 
 # --------------------------------------------------------------------------- entry point
+FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                     errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
+"""OS errors that are the state of the user's file system, reported as one ``error:`` line (exit 2)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the Typer app, turning KdctlError into one line and exit code 2."""
     try:
         app(args=argv, prog_name="kdctl")
     except KdctlError as e:
-        msg = str(e)
+        msg = worker_message(str(e))  # an error of a DataLoader worker: its own message, not the worker's traceback
         first, *rest = msg.splitlines() or [""]
         sys.stderr.write(f"error: {first}\n" + "".join(f"{line}\n" for line in rest))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except OSError as e:  # the file system said no (read-only, full, a file in the way): the user's to fix
+        if e.errno not in FILESYSTEM_ERRNOS:
+            raise
+        sys.stderr.write(f"error: {e.filename or 'a file'}: {e.strerror}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,23 +14,29 @@ from kdctl.errors import KdctlError
 
 
 def console():
-    from rich.console import Console
+    from kdctl.engine.progress import new_console
 
-    return Console(highlight=False, soft_wrap=False)
+    return new_console()
 
 
 def warn(msg: str) -> None:
-    from rich.console import Console
+    from kdctl.engine.progress import new_console
 
-    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {msg}")
+    new_console(stderr=True).print(f"[yellow]warning:[/] {msg}")
 
 
 # --------------------------------------------------------------------------- inspect
 def inspect_model(spec: str, *, as_json: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
-    from kdctl.specs import load_detector
+    from kdctl.specs import load_detector, resolve
 
-    det = load_detector(spec, pretrained_backbone=False, trust_remote_code=trust_remote_code)
+    r = resolve(spec)
+    # a preset has no label space of its own: build it with one placeholder class to show its architecture
+    placeholder = ["object"] if r.kind == "preset" else None
+    det = load_detector(r, label_names=placeholder, pretrained_backbone=False, trust_remote_code=trust_remote_code)
     info = det.info()
+    if placeholder:
+        info.update(num_labels=None, label_names=[], labels="taken from the data or teacher",
+                    parameters_note="counted with a 1-class head")
     if as_json:
         print(json.dumps(info, indent=2))
         return info
@@ -41,19 +47,23 @@ def inspect_model(spec: str, *, as_json: bool = False, trust_remote_code: bool =
     t.add_column()
     names = info["label_names"]
     shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+    labels = info.get("labels") or f"{info['num_labels']}: {shown}"
+    size = f"{info['parameters'] / 1e6:.2f} M ({info['parameters']:,})"
+    if info.get("parameters_note"):
+        size += f", {info['parameters_note']}"
     rows = [
         ("spec", info["source"]),
         ("family", f"{info['family']} ({'CNN detector' if info['family'] == 'cnn' else 'DETR family'})"),
         ("architecture", info["architecture"]),
         ("class", info["class"]),
-        ("parameters", f"{info['parameters'] / 1e6:.2f} M ({info['parameters']:,})"),
-        ("labels", f"{info['num_labels']}: {shown}"),
+        ("parameters", size),
+        ("labels", labels),
         ("input size", f"longer side {info['imgsz']} px"),
         ("KD methods", ", ".join(info["kd_methods"]) or "none"),
     ]
     for k, v in info.items():
         if k not in {"source", "family", "architecture", "class", "parameters", "num_labels", "label_names",
-                     "imgsz", "kd_methods"}:
+                     "imgsz", "kd_methods", "labels", "parameters_note"}:
             rows.append((k.replace("_", " "), str(v)))
     for k, v in rows:
         t.add_row(k, v)
@@ -62,12 +72,25 @@ def inspect_model(spec: str, *, as_json: bool = False, trust_remote_code: bool =
 
 
 # --------------------------------------------------------------------------- data
-def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, images: Path | None = None):
-    """Locate, read and validate one split; warnings are printed, fatal problems raise KdctlError."""
+def split_options(command: str, split: str) -> dict[str, str]:
+    """The options of ``command`` that give the files of ``split`` (the hints of data errors name them)."""
+    if command == "data check":  # a dataset folder only
+        return {}
+    ann = "--val-ann" if command == "eval" else {"train": "--train-ann", "val": "--val-ann"}.get(split)
+    return {"data": "--data", "images": "--images"} | ({"ann": ann} if ann else {})
+
+
+def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, images: Path | None = None,
+               command: str = "train", deep: bool = False):
+    """Locate, read and validate one split; warnings are printed, fatal problems raise KdctlError.
+
+    ``command`` (train, distill, eval or data check) is the one whose options the hints name; ``deep`` decodes
+    every image (the default reads each file's header and end).
+    """
     from kdctl.data.coco import find_split, load_coco
 
-    ann_p, img_p = find_split(data, split, ann=ann, images=images)
-    cd = load_coco(ann_p, img_p)
+    ann_p, img_p = find_split(data, split, ann=ann, images=images, options=split_options(command, split))
+    cd = load_coco(ann_p, img_p, deep=deep)
     for w in cd.warnings:
         warn(w)
     return cd
@@ -76,31 +99,32 @@ def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, 
 def synth_data(out: Path, *, images: int, seed: int) -> dict[str, int]:
     from kdctl.data.synth import synthesize
 
-    counts = synthesize(out, images, seed=seed)
+    try:
+        counts = synthesize(out, images, seed=seed)
+    except OSError as e:  # read-only folder, a file in the way, disk full
+        raise KdctlError(f"cannot write {e.filename or out}: {e.strerror or e.__class__.__name__}") from e
     console().print(f"wrote {sum(counts.values())} images to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return counts
 
 
-def check_data(data: Path, *, split: str | None = None) -> None:
+def check_data(data: Path, *, split: str | None = None, deep: bool = False) -> None:
+    """``kdctl data check``: validate every split present (or ``split``), opening every image file."""
     from rich.table import Table
 
-    from kdctl.data.coco import SPLITS, find_split
+    from kdctl.data.coco import LAYOUT, SPLITS, annotation_candidates
 
-    splits = [split] if split else []
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise KdctlError(f"dataset folder {root} does not exist or is not a folder")
+    splits = [split] if split else [s for s in SPLITS if any(c.is_file() for c in annotation_candidates(root, s))]
     if not splits:
-        for s in SPLITS:
-            try:
-                find_split(data, s)
-                splits.append(s)
-            except KdctlError:
-                pass
-        if not splits:
-            find_split(data, "train")  # raises the clear "no annotations" error
-    t = Table(title=f"{data}")
+        raise KdctlError(f"{root}: no annotation file found; expected {LAYOUT.format(split='SPLIT')} "
+                         f"(SPLIT: {', '.join(SPLITS)})")
+    t = Table(title=f"{data}" + (" (every image decoded)" if deep else ""))
     for col in ("split", "images", "boxes", "classes", "warnings"):
         t.add_column(col)
     for s in splits:
-        cd = open_split(data, s)
+        cd = open_split(data, s, command="data check", deep=deep)
         t.add_row(s, str(len(cd.images)), str(len(cd.coco["annotations"])), str(cd.num_classes), str(len(cd.warnings)))
     console().print(t)
 
@@ -171,7 +195,7 @@ def eval_model(
     """``kdctl eval --model``: validate data first, load the model, predict, score with pycocotools."""
     from kdctl.data.coco import load_label_map
 
-    cd = open_split(data, split, ann=ann, images=images)  # validate before loading anything heavy
+    cd = open_split(data, split, ann=ann, images=images, command="eval")  # validate before loading anything heavy
     lm = load_label_map(label_map)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

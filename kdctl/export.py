@@ -23,6 +23,10 @@ ONNX graphs (:data:`ONNX_SUPPORT`):
   ``labels`` [D] (indices into ``label_names``), score threshold 0.001 and at most 100 detections as in
   :meth:`kdctl.models.base.Detector.predict`.
 
+DETRs with a timm backbone built of ``BatchNormAct2d`` (the MobileNet-V2 presets) are written with the timm
+backbone option ``freeze_batch_norm_2d``: stock transformers then keeps the activations that kdctl restores with
+hooks, and computes kdctl's network (checked on an example batch at export, :func:`as_stock_transformers`).
+
 The exported weights are the student's own (``Detector.save``): a run directory's ``best/`` (else ``last/``)
 checkpoint never contains distiller modules or the teacher, and ``trainer.pt`` is never copied.
 """
@@ -30,8 +34,12 @@ checkpoint never contains distiller modules or the teacher, and ``trainer.pt`` i
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,8 +56,11 @@ FORMATS = ("hf", "safetensors", "onnx")
 ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
 ONNX_TOLERANCE = 1e-4  # fp32 max abs diff of the DETR raw outputs (measured ~1e-7)
+HF_TOLERANCE = 1e-4  # fp32 max abs diff, kdctl vs the exported transformers model (measured 0)
 CNN_SCORE_THRESHOLD = 0.001
 CNN_MAX_DETECTIONS = 100
+CNN_SCORE_TOLERANCE = 1e-4  # fp32 scores of the two runtimes (measured ~1e-7)
+CNN_BOX_RTOL = 1e-4  # fp32 box coordinates, relative to the longer image side (measured ~1e-5: 5e-3 px at 640)
 
 # architecture (DETR class name, or torchvision / kdctl builder prefix) -> ONNX shape support
 ONNX_SUPPORT: dict[str, str] = {
@@ -108,14 +119,14 @@ def export_model(
     if fmt == "onnx":
         onnx_kind(det)  # refuse unsupported architectures and options before writing anything
         _refuse_half_onnx(half)
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "hf":
-        res = export_hf(det, out, half=half)
-    elif fmt == "safetensors":
-        res = export_safetensors(det, out, half=half)
-    else:
-        res = export_onnx(det, out, half=half, opset=opset, imgsz=imgsz, check=check)
-    res.files = sorted(p.name for p in out.iterdir() if p.is_file())
+    with writing_into(out):
+        if fmt == "hf":
+            res = export_hf(det, out, half=half)
+        elif fmt == "safetensors":
+            res = export_safetensors(det, out, half=half)
+        else:
+            res = export_onnx(det, out, half=half, opset=opset, imgsz=imgsz, check=check)
+        res.files = sorted(p.name for p in out.iterdir() if p.is_file())
     return res
 
 
@@ -142,18 +153,68 @@ def load_for_export(model: str, *, trust_remote_code: bool = False) -> Detector:
     return det.float().cpu().eval()
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty ``out`` (one line) unless ``force``; a file in its place is always refused."""
+def check_output_dir(out: Path, force: bool, option: str = "--output") -> None:
+    """One KdctlError line, before any work, for an output directory that cannot be written: a file in its place
+    or above it, an unwritable (read-only, no permission) directory, or an existing non-empty one without
+    ``force`` (``option`` is the command's option that names it, e.g. ``--dry-run``)."""
     if out.exists() and not out.is_dir():
-        raise KdctlError(f"--output {out} is a file, not a directory")
+        raise KdctlError(f"{option} {out} is a file, not a directory")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KdctlError(f"{option} {out}: cannot create it: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdctlError(f"{option} {out}: cannot write to {existing}: permission denied or read-only file system")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise KdctlError(f"--output {out} is not empty; choose another directory or pass --force to overwrite")
+        raise KdctlError(f"{option} {out} is not empty; choose another directory or pass --force to overwrite")
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """OSError, or safetensors' error for a failed file write (disk full, read-only file system)."""
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "serializ" in str(e).lower())
+
+
+@contextmanager
+def writing_into(out: Path) -> Iterator[Path]:
+    """Create ``out`` (and its missing parents) for the block that writes into it.
+
+    When the block fails, what it created is removed (the folders this call made, else the files and folders the
+    block added to an existing ``out``), and a write error (read-only file system, disk full, a file in the way) is
+    one KdctlError line naming the path and the cause.
+    """
+    from kdctl.engine.checkpoint import write_error
+
+    top = out
+    while not top.parent.exists() and top.parent != top.parent.parent:
+        top = top.parent
+    made = None if out.exists() else top  # the highest folder this call creates
+    before = set(out.iterdir()) if out.is_dir() else set()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+    except BaseException as e:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        elif out.is_dir():
+            for p in set(out.iterdir()) - before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e) from e
+        if _is_write_error(e):
+            raise KdctlError(f"cannot write into {out}: {(str(e).splitlines() or [''])[0][:200]}") from e
+        raise
 
 
 # --------------------------------------------------------------------------- hf / safetensors
 def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
     """DETR: transformers directory; CNN: kdctl directory (no transformers class exists for it)."""
     res = ExportResult("hf", out, det.family, det.architecture)
+    if det.family == "detr":
+        as_stock_transformers(det, res)
     if half:
         det.half()
     det.save(out)
@@ -171,6 +232,8 @@ def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
 def export_safetensors(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
     """``model.safetensors`` + ``kdctl.json`` (+ the transformers ``config.json`` for DETRs)."""
     res = ExportResult("safetensors", out, det.family, det.architecture)
+    if det.family == "detr":
+        as_stock_transformers(det, res)
     if half:
         det.half()
     det.save(out)
@@ -178,6 +241,32 @@ def export_safetensors(det: Detector, out: Path, *, half: bool = False) -> Expor
         _detr_kdctl_config(det, out)
     res.notes.append("weights + config; load with kdctl.load(DIR)" + (" (float16 weights)" if half else ""))
     return res
+
+
+def as_stock_transformers(det: Detector, res: ExportResult) -> None:
+    """Make ``det.model`` the network plain transformers builds from the exported ``config.json``.
+
+    A timm backbone whose activations kdctl restores with hooks (MobileNet-V2 and the rest of timm's EfficientNet
+    family) is rebuilt with the timm backbone option ``freeze_batch_norm_2d``
+    (:func:`kdctl.models.detr.stock_transformers_model`), whose frozen norms keep their activation in stock
+    transformers. The rebuilt model is checked against kdctl's on a fixed example batch (max abs diff of the raw
+    logits and boxes within :data:`HF_TOLERANCE`), else one KdctlError line naming the formats that work.
+    """
+    from kdctl.models.detr import stock_transformers_model
+
+    stock = stock_transformers_model(det.model)
+    if stock is det.model:
+        return
+    feeds = _detr_example(det, 64, torch.float32)
+    with torch.no_grad():
+        ours, theirs = DetrOnnx(det.model.eval())(**feeds), DetrOnnx(stock)(**feeds)
+    diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
+    if not diff <= HF_TOLERANCE:
+        raise KdctlError(f"plain transformers cannot compute this {det.architecture}'s timm backbone as kdctl does "
+                         f"(max abs diff {diff:.2e}); use --format onnx or --format safetensors (kdctl.load)")
+    det.model = stock
+    res.notes.append(f"timm backbone norms saved with freeze_batch_norm_2d: transformers keeps their activations "
+                     f"and computes kdctl's network (logits and boxes max abs diff {diff:.1e} on a 2x3x64x64 batch)")
 
 
 def _detr_kdctl_config(det: Detector, out: Path) -> None:
@@ -361,6 +450,8 @@ def _trace(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list
         try:
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
                               output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
+        except OSError:
+            raise  # a write error: one line from writing_into
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise KdctlError(f"ONNX export failed ({e.__class__.__name__}: {first})") from e
@@ -384,9 +475,15 @@ def run_onnx(path: Path, feeds: dict[str, Tensor]) -> list[Any]:
 
 def onnx_parity(det: Detector, path: Path, feeds: dict[str, Tensor], outputs: list[dict[str, Any]]
                 ) -> dict[str, Any]:
-    """Max abs diff per output between onnxruntime and PyTorch on the example input; fp32 DETR outputs must
-    agree within :data:`ONNX_TOLERANCE` (else KdctlError). CNN detections are compared as sets (random models
-    tie scores, and tied detections may come out in another order)."""
+    """onnxruntime vs PyTorch on the example input; ``compared`` says on what.
+
+    DETR: max abs diff of the raw outputs of every query, within :data:`ONNX_TOLERANCE` (else KdctlError).
+    CNN: the post-processed detections, matched one to one (same label, scores within
+    :data:`CNN_SCORE_TOLERANCE`, nearest box), leaving out those whose score lies within the score tolerance of
+    the score threshold or of the top-100 cut (they may be kept by one runtime and not the other). ``unmatched``
+    counts detections without a partner and ``warning`` says why the check is weak or failed (untrained models
+    give tied scores, which change NMS choices between runtimes).
+    """
     got = run_onnx(path, feeds)
     with torch.no_grad():
         if det.family == "detr":
@@ -398,34 +495,66 @@ def onnx_parity(det: Detector, path: Path, feeds: dict[str, Tensor], outputs: li
                              detections_per_img=CNN_MAX_DETECTIONS), _no_background(det.model):
                 ref = CnnOnnx(det.model)(*feeds.values())
     names = [o["name"] for o in outputs]
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
     if det.family == "detr":
         diffs = {n: float((torch.from_numpy(g).float() - r.float()).abs().max()) for n, g, r in zip(names, got, ref,
                                                                                                      strict=True)}
+        report: dict[str, Any] = {"compared": f"raw outputs of all {det.num_queries} queries on a random batch "
+                                              f"{shapes['pixel_values']}", "input_shapes": shapes,
+                                  "max_abs_diff": diffs}
     else:
-        diffs = _detection_set_diff(got, ref)
-    report = {"input_shapes": {k: list(v.shape) for k, v in feeds.items()}, "max_abs_diff": diffs,
-              "onnxruntime_ms": _ort_ms(path, feeds)}
-    bad = {k: v for k, v in diffs.items() if not v <= ONNX_TOLERANCE}
+        size = max(feeds["images"].shape[-2:])
+        report = {"input_shapes": shapes, **match_detections(got, ref, box_tolerance=CNN_BOX_RTOL * size)}
+    report["onnxruntime_ms"] = _ort_ms(path, feeds)
+    bad = {k: v for k, v in report["max_abs_diff"].items() if not v <= ONNX_TOLERANCE}
     if det.family == "detr" and bad:
         raise KdctlError(f"the ONNX graph does not match PyTorch (max abs diff {bad}); not exported correctly")
     return report
 
 
-def _detection_set_diff(got: list[Any], ref: tuple[Tensor, ...]) -> dict[str, float]:
-    """Detections of both runtimes sorted by (label, score, x0, y0): max abs diff of scores and boxes, and the
-    count difference (the boxes of tied detections are compared after this canonical order)."""
-    def canon(boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        rows = torch.cat([labels[:, None].double(), scores[:, None].double().round(decimals=4), boxes.double()], 1)
-        for col in reversed(range(rows.shape[1])):
-            rows = rows[rows[:, col].argsort(stable=True)]
-        return rows
+def match_detections(got: list[Any], ref: tuple[Tensor, ...], *, box_tolerance: float) -> dict[str, Any]:
+    """Pair the detections (boxes, scores, labels) of two runtimes one to one and report what was compared.
 
-    g = canon(*(torch.from_numpy(a) for a in got))
-    r = canon(*ref)
-    if g.shape != r.shape:
-        return {"count": float(abs(g.shape[0] - r.shape[0])), "boxes": float("inf"), "scores": float("inf")}
-    return {"count": 0.0, "scores": float((g[:, 1] - r[:, 1]).abs().max()) if len(g) else 0.0,
-            "boxes": float((g[:, 2:] - r[:, 2:]).abs().max()) if len(g) else 0.0}
+    Only detections scoring at least the cut (the threshold, or the lowest kept score when a runtime returned
+    :data:`CNN_MAX_DETECTIONS`) plus :data:`CNN_SCORE_TOLERANCE` take part. In descending PyTorch score order,
+    each takes the unpaired onnxruntime detection of the same label, with a score within the tolerance, whose box
+    is nearest (max abs coordinate diff), when that box is within ``box_tolerance`` pixels.
+    """
+    gb, gs, gl = (torch.as_tensor(a) for a in got)
+    rb, rs, rl = ref
+    cut = CNN_SCORE_THRESHOLD
+    for s in (gs, rs):
+        if len(s) >= CNN_MAX_DETECTIONS:
+            cut = max(cut, float(s.min()))
+    floor = cut + CNN_SCORE_TOLERANCE
+    gk, rk = gs.double() >= floor, rs.double() >= floor
+    gb, gs, gl, rb, rs, rl = gb[gk].double(), gs[gk].double(), gl[gk], rb[rk].double(), rs[rk].double(), rl[rk]
+    cost = (rb[:, None] - gb[None]).abs().amax(-1) if len(rb) and len(gb) else torch.zeros((len(rb), len(gb)))
+    ok = (rl[:, None] == gl[None]) & ((rs[:, None] - gs[None]).abs() <= CNN_SCORE_TOLERANCE)
+    cost = torch.where(ok, cost.double(), torch.full_like(cost.double(), float("inf")))
+    box_diffs, score_diffs = [], []
+    for i in rs.argsort(descending=True).tolist():
+        if not len(gb):
+            break
+        j = int(cost[i].argmin())
+        if cost[i, j] <= box_tolerance:
+            box_diffs.append(float(cost[i, j]))
+            score_diffs.append(float((rs[i] - gs[j]).abs()))
+            cost[:, j] = float("inf")
+    matched = len(box_diffs)
+    report: dict[str, Any] = {
+        "compared": f"detections scoring >= {floor:.4g} ({len(rs)} PyTorch, {len(gs)} onnxruntime), matched one to "
+                    f"one by label, score (+-{CNN_SCORE_TOLERANCE:g}) and nearest box (+-{box_tolerance:.2g} px)",
+        "matched": matched, "unmatched": len(rs) - matched + len(gs) - matched,
+        "max_abs_diff": {"scores": max(score_diffs, default=0.0), "boxes": max(box_diffs, default=0.0)},
+    }
+    if report["unmatched"]:
+        report["warning"] = (f"{report['unmatched']} detections have no partner in the other runtime; tied scores "
+                             "of an untrained model change NMS choices, so check a trained model on real images")
+    elif not matched:
+        report["warning"] = (f"no detection scored >= {floor:.4g} on the random example image: nothing was "
+                             "compared; check a trained model on real images")
+    return report
 
 
 def _ort_ms(path: Path, feeds: dict[str, Tensor], repeats: int = 3) -> float:
@@ -449,8 +578,10 @@ def _onnx_notes(meta: dict[str, Any]) -> list[str]:
     if "parity" in meta:
         p = meta["parity"]
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in p["max_abs_diff"].items())
-        notes.append(f"onnxruntime vs PyTorch max abs diff: {diffs} ({p['onnxruntime_ms']} ms per run on "
-                     f"{p['input_shapes']})")
+        notes.append(f"onnxruntime vs PyTorch max abs diff: {diffs}, on {p['compared']} "
+                     f"({p['onnxruntime_ms']} ms per run on {p['input_shapes']})")
+        if p.get("warning"):
+            notes.append(f"warning: {p['warning']}")
     return notes
 
 

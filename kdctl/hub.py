@@ -26,6 +26,8 @@ from kdctl.errors import KdctlError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[\w./-]+)?$")
+HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 METRICS = (  # (eval/best.json key, model-index metric type, display name)
     ("AP", "map", "AP"), ("AP50", "map_50", "AP50"), ("AP75", "map_75", "AP75"),
     ("APs", "map_small", "APs"), ("APm", "map_medium", "APm"), ("APl", "map_large", "APl"),
@@ -43,6 +45,7 @@ class RunInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     teacher_metrics: dict[str, float] = field(default_factory=dict)
     baseline_metrics: dict[str, float] = field(default_factory=dict)
+    progress: dict[str, float] = field(default_factory=dict)  # what the run did: {"steps": N, "epochs": E}
 
     @property
     def task(self) -> str:
@@ -50,8 +53,33 @@ class RunInfo:
 
     @property
     def teacher(self) -> str | None:
+        """The teacher spec as the run got it (a local path stays local: see :attr:`teacher_name`)."""
         t = self.config.get("teacher")
         return str(t) if t else None
+
+    @property
+    def teacher_hub_id(self) -> str | None:
+        """The teacher's Hub id: the spec itself, or the repo of a huggingface_hub cache snapshot it points to."""
+        t = self.teacher
+        if not t:
+            return None
+        if _is_hub_id(t):
+            return t
+        m = HUB_CACHE_SNAPSHOT.search(Path(t).expanduser().as_posix())
+        return f"{m['org']}/{m['name']}" if m else None
+
+    @property
+    def teacher_name(self) -> str | None:
+        """What the card calls the teacher: its Hub id, a preset / torchvision name, never a local path."""
+        t = self.teacher
+        if not t:
+            return None
+        if self.teacher_hub_id:
+            return self.teacher_hub_id
+        if not _is_local_path(t):
+            return t  # a preset (detr-r50) or torchvision:NAME
+        arch = self.config.get("resolved", {}).get("teacher")
+        return f"a local {arch} checkpoint" if arch else "a local checkpoint"
 
     @property
     def method(self) -> str | None:
@@ -60,8 +88,10 @@ class RunInfo:
 
     @property
     def dataset(self) -> str | None:
+        """The dataset's Hub id (``datasets`` metadata, card text) when the run's data is one; a local folder is
+        never named."""
         data = self.config.get("data")
-        return Path(str(data)).expanduser().resolve().name or None if data else None
+        return str(data) if data and _is_hub_id(str(data), HUB_DATASET_ID) else None
 
 
 @dataclass
@@ -86,10 +116,62 @@ def read_run(model: str | Path) -> RunInfo:
         return info
     info.config = _read_toml(run_dir / "config.toml")
     info.metrics = _read_metrics(run_dir / "eval" / "best.json") or _read_metrics(run_dir / "eval" / "last.json")
+    info.progress = read_progress(run_dir, info.config)
     if info.teacher and (Path(info.teacher).expanduser() / "eval" / "best.json").is_file():
         info.teacher_metrics = _read_metrics(Path(info.teacher).expanduser() / "eval" / "best.json")
     info.baseline_metrics = _quickstart_baseline(run_dir)
     return info
+
+
+def read_progress(run_dir: Path, config: dict[str, Any]) -> dict[str, float]:
+    """Steps and epochs the run actually trained (not the configured ones): the last step in ``metrics.jsonl``,
+    else in ``eval/last.json``, else in ``last/trainer.pt``; epochs = steps / steps per epoch when the run
+    recorded that, else the epoch counter of the same row. {} when the run recorded neither."""
+    rows: list[dict[str, Any]] = []
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    if not rows:
+        rows = [r for r in (_read_json_row(run_dir / "eval" / "last.json"), _trainer_position(run_dir))
+                if isinstance(r.get("step"), int)][:1]
+    if not rows:
+        return {}
+    last = max(rows, key=lambda r: r["step"])
+    steps = int(last["step"])
+    per_epoch = config.get("resolved", {}).get("steps_per_epoch")
+    if isinstance(per_epoch, int) and per_epoch > 0:
+        epochs = round(steps / per_epoch, 2)
+    else:
+        epochs = float(max(int(r.get("epoch") or 0) for r in rows))
+    return {"steps": steps, "epochs": epochs}
+
+
+def _read_json_row(path: Path) -> dict[str, Any]:
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return row if isinstance(row, dict) else {}
+
+
+def _trainer_position(run_dir: Path) -> dict[str, Any]:
+    """``step`` / ``epoch`` of ``last/trainer.pt`` (plain values, read with ``weights_only``); {} when absent."""
+    path = run_dir / "last" / "trainer.pt"
+    if not path.is_file():
+        return {}
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable trainer state only loses this line of the card
+        return {}
+    return {k: state[k] for k in ("step", "epoch") if isinstance(state, dict) and k in state}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -136,7 +218,7 @@ def build_card(info: RunInfo, repo_id: str, family: str, architecture: str, labe
     tags = ["object-detection", "knowledge-distillation", "kdctl", architecture]
     if info.method:
         tags.append(info.method)
-    base = info.teacher if info.teacher and _is_hub_id(info.teacher) else None
+    base = info.teacher_hub_id
     evals = [
         EvalResult(task_type="object-detection", task_name="Object Detection", dataset_type=dataset or "custom",
                    dataset_name=dataset or "custom", dataset_split="val", metric_type=mtype, metric_name=label,
@@ -152,33 +234,57 @@ def build_card(info: RunInfo, repo_id: str, family: str, architecture: str, labe
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def _is_hub_id(spec: str) -> bool:
-    return bool(HUB_MODEL_ID.match(spec)) and not Path(spec).expanduser().exists() and not spec.startswith(".")
+def _is_local_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~", "\\")) or Path(spec).expanduser().exists() or ":\\" in spec[:3]
+
+
+def _is_hub_id(spec: str, pattern: re.Pattern[str] = HUB_MODEL_ID) -> bool:
+    return bool(pattern.match(spec)) and not _is_local_path(spec)
 
 
 def _card_body(info: RunInfo, repo_id: str, family: str, architecture: str, label_names: list[str]) -> str:
     parts = [f"# {repo_id.split('/')[-1]}", ""]
     what = "distilled" if info.method else "trained"
+    teacher = _teacher_md(info)
     parts.append(f"A {architecture} object detector {what} with [kdctl](https://github.com/kdctl/kdctl)"
-                 + (f" from the teacher `{info.teacher}` with {info.method.upper()}." if info.method else "."))
+                 + (f" from the teacher {teacher} with {info.method.upper()}." if info.method and teacher else "."))
     parts += ["", f"- classes ({len(label_names)}): {', '.join(label_names[:40])}"
               + (" ..." if len(label_names) > 40 else "")]
-    if info.teacher:
-        parts.append(f"- teacher: `{info.teacher}`")
+    if teacher:
+        parts.append(f"- teacher: {teacher}")
     if info.method:
         parts.append(f"- KD method: {info.method}")
     if info.dataset:
-        parts.append(f"- dataset: {info.dataset}")
+        parts.append(f"- dataset: [{info.dataset}](https://huggingface.co/datasets/{info.dataset})")
+    if info.progress:
+        steps, epochs = int(info.progress["steps"]), info.progress["epochs"]
+        parts.append(f"- trained for {steps} optimiser step{'s' * (steps != 1)} ({epochs:g} epoch{'s' * (epochs != 1)})")
     parts += ["", *_recipe(info), *_ap_table(info), *_usage(repo_id, family)]
     return "\n".join(parts) + "\n"
+
+
+def _teacher_md(info: RunInfo) -> str | None:
+    """The teacher for the card text: a Hub id or preset in backticks, or the words for a local checkpoint."""
+    name = info.teacher_name
+    if not name:
+        return None
+    return f"`{name}`" if info.teacher_hub_id or not _is_local_path(info.teacher or "") else name
 
 
 def _recipe(info: RunInfo) -> list[str]:
     cfg = info.config
     if not cfg:
         return []
-    keys = ("task", "model", "teacher", "method", "epochs", "max_steps", "batch_size", "imgsz", "lr", "amp", "seed")
-    flat = {k: cfg[k] for k in keys if cfg.get(k) not in (None, "")}
+    keys = ("task", "model", "method", "batch_size", "imgsz", "lr", "amp", "seed")
+    flat: dict[str, Any] = {k: cfg[k] for k in keys if cfg.get(k) not in (None, "")}
+    if info.teacher_name:
+        flat["teacher"] = info.teacher_name
+    if info.progress:
+        flat["steps run"] = info.progress["steps"]
+        flat["epochs run"] = info.progress["epochs"]
+    for k in ("epochs", "max_steps"):  # the plan; a run may stop earlier (--max-steps, early interrupt)
+        if cfg.get(k) not in (None, ""):
+            flat[f"configured {k}"] = cfg[k]
     resolved = cfg.get("resolved", {})
     for k in ("method", "lr", "total_steps", "world_size"):
         if k in resolved:
@@ -186,7 +292,8 @@ def _recipe(info: RunInfo) -> list[str]:
     for section in ("optim", "kd"):
         for k, v in (cfg.get(section) or {}).items():
             flat[f"{section}.{k}"] = v
-    lines = ["## Training recipe", "", "From the run's `config.toml`:", "", "| option | value |", "|---|---|"]
+    source = "From the run's `config.toml`" + (" (steps and epochs run: from its metrics)" if info.progress else "")
+    lines = ["## Training recipe", "", f"{source}:", "", "| option | value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in flat.items()]
     return [*lines, ""]
 
@@ -194,7 +301,7 @@ def _recipe(info: RunInfo) -> list[str]:
 def _ap_table(info: RunInfo) -> list[str]:
     rows = []
     if info.teacher_metrics:
-        rows.append((f"teacher (`{info.teacher}`)", info.teacher_metrics))
+        rows.append((f"teacher ({_teacher_md(info)})", info.teacher_metrics))
     if info.baseline_metrics:
         rows.append(("student without KD", info.baseline_metrics))
     if info.metrics:
@@ -203,8 +310,8 @@ def _ap_table(info: RunInfo) -> list[str]:
         return []
     cols = [label for key, _, label in METRICS if any(key in m for _, m in rows)]
     keys = [key for key, _, label in METRICS if label in cols]
-    lines = ["## Evaluation", "", f"COCO bbox metrics (pycocotools, %) on the {info.dataset or 'validation'} "
-             "validation split:", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    where = f"the {info.dataset} validation split" if info.dataset else "the validation split of the run's data"
+    lines = ["## Evaluation", "", f"COCO bbox metrics (pycocotools, %) on {where}:", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for label, m in rows:
         cells = [f"{100 * m[k]:.1f}" if k in m and m[k] >= 0 else "-" for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -259,16 +366,20 @@ def push_to_hub(
     commit_message: str | None = None,
     token: str | None = None,
     dry_run: Path | None = None,
+    force: bool = False,
 ) -> PushResult:
-    """Export the run's student and upload it with a model card (or write it all to ``dry_run``)."""
+    """Export the run's student and upload it with a model card (or write it all to ``dry_run``, which must be
+    empty or new unless ``force``; a failed write leaves nothing behind and is one KdctlError line)."""
     if not REPO_ID.match(repo_id):
         raise KdctlError(f"--repo-id {repo_id!r} must look like USER/NAME")
     if dry_run is not None:
-        from kdctl.export import check_output_dir
+        from kdctl.export import check_output_dir, writing_into
 
-        check_output_dir(Path(dry_run), force=False)
-        Path(dry_run).mkdir(parents=True, exist_ok=True)
-        return PushResult(repo_id, stage(model, repo_id, Path(dry_run)), dry_run=Path(dry_run))
+        out = Path(dry_run)
+        check_output_dir(out, force=force, option="--dry-run")
+        with writing_into(out):
+            files = stage(model, repo_id, out)
+        return PushResult(repo_id, files, dry_run=out)
     secret = resolve_token(token)
     with tempfile.TemporaryDirectory(prefix="kdctl-push-") as tmp:
         files = stage(model, repo_id, Path(tmp))
@@ -297,12 +408,14 @@ def _upload(folder: Path, repo_id: str, token: str, *, private: bool, revision: 
 
 def push_command(model: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                  commit_message: str | None = None, token: str | None = None,
-                 dry_run: Path | None = None) -> PushResult:
+                 dry_run: Path | None = None, force: bool = False) -> PushResult:
     """``kdctl push-to-hub``: push (or dry-run) and print what went where (never the token)."""
     from kdctl.commands import console
 
+    if force and dry_run is None:
+        raise KdctlError("--force only applies to --dry-run DIR (an upload never overwrites local files)")
     res = push_to_hub(model, repo_id, private=private, revision=revision, commit_message=commit_message,
-                      token=token, dry_run=dry_run)
+                      token=token, dry_run=dry_run, force=force)
     c = console()
     if res.dry_run is not None:
         c.print(f"dry run: wrote {', '.join(res.files)} to {res.dry_run} (nothing uploaded)", soft_wrap=True)

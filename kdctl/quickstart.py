@@ -37,7 +37,6 @@ class QuickstartPlan:
 def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", plan: QuickstartPlan | None = None,
                quiet: bool = False) -> dict[str, Any]:
     """Run the pipeline into ``output`` and return the table rows (also written to ``output/quickstart.json``)."""
-    from rich.console import Console
     from rich.table import Table
 
     from kdctl.commands import _write_json
@@ -48,7 +47,9 @@ def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", pla
 
     plan = plan or QuickstartPlan()
     out = Path(output).expanduser()
-    con = Console(highlight=False)
+    from kdctl.engine.progress import new_console
+
+    con = new_console()
     dev = resolve_device(device)
     data = out / "data"
     if not (data / "train.json").exists():

@@ -61,3 +61,28 @@ def tiny_coco(tmp_path: Path) -> Path:
     ]
     cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
     return write_coco(tmp_path / "tiny", images, anns, cats)
+
+
+TINY_CNN = {"fpn_channels": 16, "trainable_layers": 5, "topk_candidates": 50, "detections_per_img": 20}
+"""Preset overrides that make a CNN detector small enough for CPU tests."""
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A 10-image synthetic COCO folder (7 train images)."""
+    from kdctl.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(root, 10, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_retinanet(tmp_path_factory, synth) -> str:
+    """A small RetinaNet (ResNet-18, 16-channel FPN, GroupNorm, imgsz 64) saved as a kdctl directory."""
+    from kdctl.specs import load_detector
+
+    names = [c["name"] for c in json.loads((synth / "train.json").read_text())["categories"]]
+    det = load_detector("retinanet-r18-fpn", label_names=names, pretrained_backbone=False, overrides=TINY_CNN)
+    det.imgsz = 64
+    return str(det.save(tmp_path_factory.mktemp("m") / "tiny"))

@@ -1,5 +1,9 @@
 """DRKD: zero at a perfect match, permutation equivariance, empty images, RoIAlign batch index, gradients, mismatched
-pairs, the normalised mode and an end-to-end distillation run through the engine.
+pairs, per-image term magnitudes, the relation formula and filters, the ablation switches and an end-to-end
+distillation run through the engine.
+
+Tolerances come from float32 precision: a matrix product with reduction length k is off by at most ``k u |A||B|``
+(u = eps / 2, Higham), a network output by what a relative eps perturbation of its inputs changes.
 
 Every model is a tiny random kdctl preset (ResNet-18 / MobileNet-V2, 16-32 channel FPN) on 64 px images.
 """
@@ -21,12 +25,18 @@ import torch  # noqa: E402
 from kdctl.data.batch import Batch, collate  # noqa: E402
 from kdctl.distill.drkd import (  # noqa: E402
     DRKD,
+    REFERENCE_AREA,
+    REFERENCE_BOXES,
+    REFERENCE_IMAGES,
     GloReUnit,
     RelationBlock,
     glore_mid,
+    instance_mask,
     instance_rois,
+    pad_instances,
     pool_instances,
 )
+from kdctl.distill.drkd_modules import PairFilter, RandomFilter  # noqa: E402
 from kdctl.errors import KdctlError  # noqa: E402
 from kdctl.models.base import TrainOutput  # noqa: E402
 from kdctl.specs import load_detector  # noqa: E402
@@ -43,6 +53,7 @@ TINY = {
     "fcos-r18-fpn": {"topk_candidates": 50, "detections_per_img": 20},
 }
 BOXES = [[[4.0, 6.0, 40.0, 30.0], [30.0, 10.0, 60.0, 60.0], [8.0, 36.0, 28.0, 60.0]], [[10.0, 10.0, 30.0, 60.0]]]
+EPS = torch.finfo(torch.float32).eps
 
 
 def tiny(preset: str, channels: int = 16, seed: int = 0):
@@ -95,6 +106,43 @@ def matched(d: DRKD) -> DRKD:
     return d
 
 
+def matched_bounds(d: DRKD, feats: dict, boxes: list) -> dict[str, float]:
+    """Float32 rounding bounds of the terms of a :func:`matched` distiller on identical student and teacher features.
+
+    Both sides compute the same quantity in another order (the folded pixel difference ``E'_s proj_s - E'_t proj_t``,
+    identity adapters), so each distance is at most ``k eps || |A| |B| ||`` per product of reduction length k
+    (two products, each within ``k u``), times the normalised mode's positive scale.
+    """
+    counts = [len(b) for b in boxes]
+    n_inst = sum(counts)
+    with torch.no_grad():
+        pixel = 0.0
+        for s in d.strides:
+            f = feats[s]
+            e, p, _ = d.glore_teacher[f"s{s}"].factors(f)
+            bound = EPS * (e.shape[-1] * float((e.abs() @ p.abs()).norm()) + f.shape[1] * float(f.norm()))
+            n, _, h, w = f.shape
+            pixel += bound * (math.sqrt(REFERENCE_IMAGES * REFERENCE_AREA / (n * h * w * s * s)) if d.normalize else 1)
+        inst = rel = 0.0
+        if n_inst:
+            rois = instance_rois(boxes, torch.float32, torch.device("cpu"))
+            valid = instance_mask(counts, torch.device("cpu"))
+            for s in d.instance_strides:
+                x = d.pool(feats[s], rois, s)
+                z, _ = d.relation_teacher[f"s{s}"](pad_instances(x.flatten(1), counts), valid)
+                inst += EPS * x.shape[1] * float(x.norm())
+                rel += EPS * x.shape[1] * float(z.norm())
+            scale = REFERENCE_IMAGES * math.sqrt(REFERENCE_BOXES / n_inst) if d.normalize else 1.0
+            inst, rel = inst * scale, rel * scale
+    return {"kd_pixel": d.w_pixel * pixel, "kd_relation": d.w_relation * rel, "kd_instance": d.w_instance * inst}
+
+
+def feature_rounding(a: dict, b: dict) -> float:
+    """Largest relative difference between two float32 computations of the same FPN features {stride: [N, ...]}
+    (a batch of other size runs other GEMM blockings): the rounding level of everything computed from them."""
+    return max(float((a[s] - b[s][: len(a[s])]).norm() / a[s].norm()) for s in a) + EPS
+
+
 def with_features(out: TrainOutput, feats: dict, boxes: list | None = None) -> TrainOutput:
     taps = {**out.taps, "features": feats}
     if boxes is not None:
@@ -112,7 +160,9 @@ def test_zero_when_features_and_modules_match(models):
     d = matched(DRKD(m, m))
     terms = d(out, t, batch)
     assert set(terms) == {"kd_pixel", "kd_relation", "kd_instance"}
-    assert all(float(v) == 0.0 for v in terms.values()), terms
+    bounds = matched_bounds(d, t["features"], out.taps["boxes"])  # zero up to float32 rounding
+    assert all(0 <= float(terms[k]) <= bounds[k] for k in terms), (terms, bounds)
+    assert max(bounds.values()) < 1e-3 * min(float(v) for v in DRKD(m, m)(out, t, batch).values())  # can tell
     # independent modules (fresh random GloRe / relation / adapters): every term is positive
     fresh = DRKD(m, m)(out, t, batch)
     assert all(float(v) > 0 for v in fresh.values()), fresh
@@ -122,11 +172,13 @@ def test_zero_when_features_and_modules_match(models):
     assert all(float(v) > 0 for v in other.values()), other
 
 
-def test_glore_unit_equals_the_direct_form():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_glore_unit_equals_the_direct_form(normalize):
     """The reordered GloRe (BatchNorm folded into node space) computes the direct form: state map, V, (I + A), W,
-    Y, extend, BatchNorm2d, residual; same outputs, gradients and running statistics, in train and eval mode."""
+    Y, extend, BatchNorm2d, residual; same outputs, gradients and running statistics, in train and eval mode; with
+    the node states averaged over pixels (/ hw, default) or summed (the official code)."""
     torch.manual_seed(0)
-    unit = GloReUnit(12, 4).double()
+    unit = GloReUnit(12, 4, normalize=normalize).double()
     with torch.no_grad():
         unit.norm.weight.uniform_(0.5, 1.5)
         unit.norm.bias.uniform_(-0.5, 0.5)
@@ -135,7 +187,7 @@ def test_glore_unit_equals_the_direct_form():
 
     def direct(x: torch.Tensor) -> torch.Tensor:
         p = unit.conv_proj(x).flatten(2)  # [N, Nn, hw]
-        v = unit.conv_state(x).flatten(2) @ p.transpose(1, 2) / 35  # [N, Cs, Nn]
+        v = unit.conv_state(x).flatten(2) @ p.transpose(1, 2) / (35 if normalize else 1)  # [N, Cs, Nn]
         hid = v + v @ unit.node_mix.weight.T + unit.node_mix.bias
         y = (unit.state_update.weight @ torch.relu(hid) @ p).view(2, 8, 5, 7)
         ext = unit.conv_extend(y)
@@ -183,6 +235,73 @@ def test_relation_block_is_permutation_equivariant_and_padding_free():
     z1, a1 = block(x[:, :1], torch.ones(1, 1, dtype=torch.bool))
     assert a1.shape == (1, 1, 1) and float(a1) == 1.0
     torch.testing.assert_close(z1, x[:, :1] + block.W(block.g(x[:, :1])))
+
+
+def relation_by_hand(block: RelationBlock, x: torch.Tensor, m: torch.Tensor | None) -> tuple:
+    """The design note's formula on one image, x [K, D]: L = theta(x) phi(x)^T, A = softmax_row(L * M),
+    z = x + W(A g(x)) (M = None: A = softmax_row(L))."""
+    lmat = block.theta(x) @ block.phi(x).T
+    a = (lmat * m if m is not None else lmat).softmax(-1)
+    return x + block.W(a @ block.g(x)), a
+
+
+def test_relation_formula_of_every_filter():
+    """Pins A = softmax_row(L * M) with M = softmax_row(filter(x)) for the learned, random and no filter: replacing
+    ``*`` by ``+`` (or dropping M) gives another A, which the test tells apart."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 36) * 2
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    for kind in ("learned", "random", "none"):
+        block = RelationBlock(dim=36, inter=12, filter_hidden=8, filter_kind=kind)
+        with torch.no_grad():
+            z, a = block(x, valid)
+            if kind == "learned":
+                f = block.filter
+                m = (f.score(torch.relu(f.left(x[0])[:, None] + f.right(x[0])[None, :]))).squeeze(-1).softmax(-1)
+            elif kind == "random":
+                w, b = block.filter.linear(5, x.device)
+                m = (x[0] @ w.T + b).softmax(-1)
+            else:
+                m = None
+            z_ref, a_ref = relation_by_hand(block, x[0], m)
+            torch.testing.assert_close(a[0], a_ref)  # float32 defaults: the same products in the same order
+            torch.testing.assert_close(z[0], z_ref)
+            if m is not None:  # the test can see a wrong formula
+                lmat = block.theta(x[0]) @ block.phi(x[0]).T
+                for wrong in ((lmat + m).softmax(-1), lmat.softmax(-1)):
+                    assert float((wrong - a[0]).abs().max()) > 1e-2
+    assert not list(RelationBlock(36, 12, filter_kind="random").filter.parameters())
+    assert RelationBlock(36, 12, filter_kind="none").filter is None
+
+
+def test_random_filter_is_fixed_per_run_and_checkpointed():
+    """The official untrained Linear(D, K), drawn once per run: the same at every step, the first K rows for K
+    boxes, restored from the checkpoint, another with another seed; nn.Linear's init range +-1/sqrt(D)."""
+    torch.manual_seed(0)
+    f = RandomFilter(36)
+    x = torch.randn(2, 6, 36)
+    first = f(x)
+    assert torch.equal(f(x), first)  # exact: the same weights, the same product
+    w6, b6 = f.linear(6, x.device)
+    w3, _ = f.linear(3, x.device)
+    assert torch.equal(w3, w6[:3]) and float(w6.abs().max()) <= 1 / 6 and float(b6.abs().max()) <= 1 / 6
+    assert float(w6.std()) > 0.5 / 6 / math.sqrt(3)  # uniform in +-1/6: std 1/(6 sqrt 3)
+    fresh = RandomFilter(36, seed=f.seed + 7)
+    assert not torch.allclose(fresh(x), first)
+    fresh.load_state_dict(f.state_dict())
+    assert torch.equal(fresh(x), first)
+    torch.manual_seed(0)
+    assert RandomFilter(36).seed == f.seed  # the run's seed fixes it
+    # in DRKD, the filter is an option; the learned one is the default
+    t = SimpleNamespace(fpn_strides=[4, 8], fpn_channels=16, architecture="fasterrcnn")
+    d = DRKD(t, t, relation_filter="random")
+    assert isinstance(d.relation_student["s4"].filter, RandomFilter)
+    assert not any(".filter." in n for n, _ in d.named_parameters())
+    assert any(k.endswith("filter._extra_state") for k in d.state_dict())
+    assert isinstance(DRKD(t, t).relation_student["s4"].filter, PairFilter)
+    assert DRKD(t, t, relation_filter="none").relation_teacher["s8"].filter is None
+    with pytest.raises(KdctlError, match="relation_filter 'fixed'"):
+        DRKD(t, t, relation_filter="fixed")
 
 
 def test_loss_is_invariant_to_box_order(models):
@@ -268,7 +387,8 @@ def test_distiller_uses_the_right_image(models):
     noisy = {s: f.detach() + torch.randn(f.shape, generator=g) * torch.tensor([1.0, 0.0]).view(2, 1, 1, 1)
              for s, f in out.taps["features"].items()}
     terms = d(with_features(out, noisy), t, batch)
-    assert float(terms["kd_instance"]) == 0.0 and float(terms["kd_relation"]) == 0.0
+    bounds = matched_bounds(d, t["features"], out.taps["boxes"])  # image 1 matches: zero up to float32 rounding
+    assert float(terms["kd_instance"]) <= bounds["kd_instance"] and float(terms["kd_relation"]) <= bounds["kd_relation"]
     assert float(terms["kd_pixel"]) > 0
     flipped = {s: f.flip(0) for s, f in noisy.items()}  # now image 1 holds the perturbed features
     terms = d(with_features(out, flipped), t, batch)
@@ -350,40 +470,61 @@ def test_refusals_and_sizes():
     # relation width: min(relation_dim, D // 2); 0 restores the official D // 2
     assert d.relation_student["s4"].theta.out_features == 144
     assert DRKD(t, t, relation_dim=0).relation_student["s4"].theta.out_features == 72
+    assert DRKD(t, t, relation_dim=50).relation_student["s4"].theta.out_features == 50
+    assert DRKD(t, t).relation_student["s4"].theta.out_features == 72  # default: the official D // 2
+    # GloRe node states: averaged over pixels by default, summed (official) as an option
+    assert DRKD(t, t).glore_student["s4"].normalize and not DRKD(t, t, glore_normalize=False).glore_student["s8"].normalize
 
 
-# --------------------------------------------------------------------------- normalised mode
-def test_normalized_mode_is_batch_size_independent(models):
+# --------------------------------------------------------------------------- per-image magnitudes (normalised mode)
+def repeat_batch(batch: Batch, times: int) -> Batch:
+    return Batch(images=batch.images.repeat(times, 1, 1, 1), sizes=batch.sizes * times,
+                 orig_sizes=batch.orig_sizes * times, targets=batch.targets * times, image_ids=batch.image_ids * times)
+
+
+def test_default_terms_are_per_image_whatever_the_batch(models):
+    """Issue #14: the default gives each term the reference magnitude per image: the same two images repeated to a
+    batch of 8 give the terms of the batch of 2. The official sums (normalize = False) would not: pixel x2 (one norm
+    over 4x the elements), instance and relation x4 (a sum over 4x the images)."""
     student, teacher = models["ret16"], models["fr32"]
-    b2 = make_batch(BOXES + [])
-    b4 = Batch(images=torch.cat([b2.images, b2.images]), sizes=b2.sizes * 2, orig_sizes=b2.orig_sizes * 2,
-               targets=b2.targets * 2, image_ids=b2.image_ids * 2)
+    b2 = make_batch()
+    b8 = repeat_batch(b2, 4)
     torch.manual_seed(0)
-    summed = DRKD(teacher, student)
-    norm = DRKD(teacher, student, normalize=True)
-    norm.load_state_dict(summed.state_dict())
+    default = DRKD(teacher, student)
+    assert default.normalize
+    raw = DRKD(teacher, student, normalize=False)
+    raw.load_state_dict(default.state_dict())
     with torch.no_grad():
         o2, t2 = taps_of(student, teacher, b2)
-        o4, t4 = taps_of(student, teacher, b4)
-        s2, s4 = summed(o2, t2, b2), summed(o4, t4, b4)
-        n2, n4 = norm(o2, t2, b2), norm(o4, t4, b4)
-    # summed (official): pixel grows with sqrt(images), instance terms with images; normalised: unchanged
-    torch.testing.assert_close(s4["kd_pixel"], s2["kd_pixel"] * math.sqrt(2), rtol=1e-4, atol=0)
-    torch.testing.assert_close(s4["kd_instance"], s2["kd_instance"] * 2, rtol=1e-4, atol=0)
-    torch.testing.assert_close(s4["kd_relation"], s2["kd_relation"] * 2, rtol=1e-4, atol=0)
-    for k in n2:
-        torch.testing.assert_close(n4[k], n2[k], rtol=1e-4, atol=0)
-    # at the reference shape both agree: for 64x64 inputs the pixel RMS is scaled by sqrt(2*800*1333 / (2*64*64*...))
-    k8 = "s8"
+        o8, t8 = taps_of(student, teacher, b8)
+        d2, d8 = default(o2, t2, b2), default(o8, t8, b8)
+        r2, r8 = raw(o2, t2, b2), raw(o8, t8, b8)
+    # the batch of 8 runs other GEMM blockings: features (and terms) agree to their measured rounding level
+    rtol = 8 * (feature_rounding(o2.taps["features"], o8.taps["features"])
+                + feature_rounding(t2["features"], t8["features"]))
+    for k in d2:
+        torch.testing.assert_close(d8[k], d2[k], rtol=rtol, atol=0)
+    torch.testing.assert_close(r8["kd_pixel"], r2["kd_pixel"] * 2, rtol=rtol, atol=0)
+    torch.testing.assert_close(r8["kd_instance"], r2["kd_instance"] * 4, rtol=rtol, atol=0)
+    torch.testing.assert_close(r8["kd_relation"], r2["kd_relation"] * 4, rtol=rtol, atol=0)
+    assert rtol < 1e-3  # far below the factors 2 and 4 the test tells apart
+    # the normalised term is the official distance times sqrt(reference elements / elements): for one level
+    # (stride 8) of 2 images of 64x64, sqrt(2 * 800 * 1333 / (2 * 64 * 64)); instances: 2 * sqrt(7.3 / 4 boxes)
+    one, one_raw = DRKD(teacher, student, pixel=1.0), DRKD(teacher, student, pixel=1.0, normalize=False)
+    for x in (one, one_raw):
+        x.load_state_dict(default.state_dict())
+        x.strides = [8]
     with torch.no_grad():
-        f_s, f_t = o2.taps["features"][8], t2["features"][8]
-        diff = summed.pixel_adapt[k8](summed.glore_student[k8](f_s)) - summed.glore_teacher[k8](f_t)
-    ratio = math.sqrt(2 * 800 * 1333 / (2 * 64 * 64))
-    one = DRKD(teacher, student, normalize=True, pixel=1.0)
-    one.load_state_dict(summed.state_dict())
-    one.strides = [8]
+        n, r = one(o2, t2, b2), one_raw(o2, t2, b2)
+    assert float(n["kd_pixel"]) == pytest.approx(float(r["kd_pixel"]) * math.sqrt(800 * 1333 / (64 * 64)), rel=8 * EPS)
+    # instances: the batch's RMS over all boxes, not the official sum of per-image norms: compare with the direct form
     with torch.no_grad():
-        assert float(one(o2, t2, b2)["kd_pixel"]) == pytest.approx(float(diff.norm()) * ratio, rel=1e-4)
+        direct = 0.0
+        rois = instance_rois(o2.taps["boxes"], torch.float32, torch.device("cpu"))
+        for s in default.instance_strides:
+            xs, xt = default.pool(o2.taps["features"][s], rois, s), default.pool(t2["features"][s], rois, s)
+            direct += float((default.instance_adapt[f"s{s}"](xs) - xt).norm())
+    assert float(d2["kd_instance"]) == pytest.approx(default.w_instance * direct * 2 * math.sqrt(7.3 / 4), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- 7. end to end through the engine

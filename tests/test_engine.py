@@ -23,24 +23,6 @@ from kdctl.errors import KdctlError
 from kdctl.models import registry
 from kdctl.specs import load_detector
 
-TINY = {"fpn_channels": 16, "trainable_layers": 5, "topk_candidates": 50, "detections_per_img": 20}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "data"
-    synthesize(root, 10, seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_retinanet(tmp_path_factory, synth) -> str:
-    """A small RetinaNet (ResNet-18, 16-channel FPN, GroupNorm) saved as a kdctl directory."""
-    names = [c["name"] for c in json.loads((synth / "train.json").read_text())["categories"]]
-    det = load_detector("retinanet-r18-fpn", label_names=names, pretrained_backbone=False, overrides=TINY)
-    det.imgsz = 64
-    return str(det.save(tmp_path_factory.mktemp("m") / "tiny"))
-
 
 def cfg(tmp_path, model, data, **kw) -> RunConfig:
     base = dict(task="train", model=model, data=str(data), max_steps=4, batch_size=2, imgsz=64, device="cpu",
@@ -150,7 +132,7 @@ def test_checkpoint_write_is_atomic(tmp_path, tiny_retinanet, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(KdctlError, match="disk full; the previous checkpoint"):  # one line for the user (#13)
         save_checkpoint(tmp_path / "last", det, {"step": 2})
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == before
     assert load_trainer_state(tmp_path / "last") == {"step": 1}

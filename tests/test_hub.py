@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from clitools import invoke as run  # noqa: E402
 
-from kdctl.cli import main  # noqa: E402
 from kdctl.specs import load_detector  # noqa: E402
 
 TOKEN = "hf_kdctlTestSecret0123456789"
@@ -164,14 +164,6 @@ def cnn_run(tmp_path_factory) -> Path:
                     method="drkd")
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def card_yaml(readme: str) -> dict:
@@ -215,13 +207,14 @@ def test_push_detr_run_card_files_and_round_trip(hub, detr_run, tmp_path, capsys
     readme = files["README.md"].decode()
     meta = card_yaml(readme)
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "object-detection"
-    assert meta["base_model"] == "facebook/detr-resnet-50" and meta["datasets"] == ["bccd"]
+    assert meta["base_model"] == "facebook/detr-resnet-50" and "datasets" not in meta  # a local folder: unnamed
     assert {"knowledge-distillation", "kd-detr", "object-detection"} <= set(meta["tags"])
     results = meta["model-index"][0]["results"][0]
     values = {m["name"]: m["value"] for m in results["metrics"]}
     assert values["AP"] == 41.23 and values["AP50"] == 70.0 and "APs" not in values  # -1 = undefined: left out
     assert "| student + KD (this model) | 41.2 | 70.0 | 38.0 | - | 20.0 | 50.0 | 60.0 |" in readme
-    assert 'pipeline("object-detection", model="acme/detr-student")' in readme and "epochs | 12" in readme
+    assert 'pipeline("object-detection", model="acme/detr-student")' in readme and "configured epochs | 12" in readme
+    assert "bccd" not in readme and str(detr_run.parent) not in readme
 
     from huggingface_hub import constants
 

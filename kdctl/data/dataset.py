@@ -7,19 +7,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from kdctl.data.batch import collate
 from kdctl.data.coco import CocoData
+from kdctl.data.images import decode
 from kdctl.data.transforms import build_transforms
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, worker_message
 
 
 class CocoDetection(Dataset):
     """Items are ``(image float32 [3, h, w] in [0, 1], target)`` after the v2 transforms.
 
     ``target``: ``boxes`` float32 [K, 4] xyxy in the resized frame, ``labels`` int64 [K] dataset class
-    indices, ``image_id`` int, ``orig_size`` (h, w) of the file. Crowd annotations are not training targets.
+    indices, ``image_id`` int, ``orig_size`` (h, w) of the annotation (the file's pixels, with its EXIF orientation
+    applied for the images in ``data.apply_exif``). Crowd annotations are not training targets.
     """
 
     def __init__(self, data: CocoData, imgsz: int, train: bool, hflip: float = 0.5) -> None:
@@ -33,13 +34,16 @@ class CocoDetection(Dataset):
         return len(self.data.images)
 
     def load_image(self, index: int) -> torch.Tensor:
-        """uint8 [3, H, W] RGB of image ``index`` (a corrupt file is a KdctlError)."""
+        """uint8 [3, H, W] RGB of image ``index`` in the frame of its annotation (a corrupt file, or one whose size
+        is not the annotation's, is a one-line KdctlError)."""
         im = self.data.images[index]
         path = self.data.image_dir / im["file_name"]
-        try:
-            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except Exception as e:  # decode errors from torchvision.io
-            raise KdctlError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from e
+        img = decode(path, apply_exif=im["id"] in self.data.apply_exif)
+        H, W = img.shape[-2:]
+        if (H, W) != (round(float(im["height"])), round(float(im["width"]))):
+            raise KdctlError(f"{path} is {W}x{H} pixels but its annotation says {im['width']:g}x{im['height']:g} "
+                             "(was it changed after validation?)")
+        return img
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         """``index`` or ``(index, seed)``: with a seed (from :class:`kdctl.engine.sampler.ResumableSampler`) the
@@ -59,11 +63,9 @@ class CocoDetection(Dataset):
         img = self.load_image(index)
         H, W = img.shape[-2:]
         anns = [a for a in self.data.anns_by_image.get(im["id"], []) if not a.get("iscrowd", 0)]
-        # Annotation coordinates are in the frame width x height of the JSON; rescale if the file differs.
-        sx, sy = W / float(im["width"]), H / float(im["height"])
+        # load_image returns the annotation's frame: the boxes need no rescaling
         boxes = torch.tensor(
-            [[a["bbox"][0] * sx, a["bbox"][1] * sy, (a["bbox"][0] + a["bbox"][2]) * sx, (a["bbox"][1] + a["bbox"][3]) * sy]
-             for a in anns],
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
             dtype=torch.float32,
         ).reshape(-1, 4)
         labels = torch.tensor([self._cls[a["category_id"]] for a in anns], dtype=torch.int64)
@@ -80,6 +82,37 @@ class CocoDetection(Dataset):
         }
 
 
+class DetectionLoader(DataLoader):
+    """A DataLoader whose worker processes' KdctlErrors reach the caller with their own one-line message.
+
+    torch re-raises an exception of a worker with its type but with the worker's traceback as its message;
+    this gives back the message the dataset raised, as with ``workers=0``.
+    """
+
+    def __iter__(self):
+        return _OwnMessages(super().__iter__())
+
+
+class _OwnMessages:
+    def __init__(self, it) -> None:
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.it)
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except KdctlError as e:
+            msg = worker_message(str(e))
+            if msg == str(e):
+                raise
+            raise type(e)(msg) from None
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -91,8 +124,8 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A DataLoader that collates into :class:`kdctl.data.batch.Batch`."""
-    return DataLoader(
+    """A DataLoader that collates into :class:`kdctl.data.batch.Batch` (see :class:`DetectionLoader`)."""
+    return DetectionLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,

@@ -20,23 +20,30 @@ Design choices (see also the project design note ``drkd.md``):
   left edge of the image), so the half-pixel shift that maps them onto feature-cell centres is the correct one
   (``aligned=False``, the official default, samples half a cell too far right and down). Box coordinates stay
   float32 under autocast.
-* Relation filter (:class:`PairFilter`): the official code draws a fresh random ``Linear(C*9, K)`` at every step.
-  Ours is a small learned MLP on each PAIR of instances, ``s_ij = w . relu(U x_i + V x_j + b)`` (the MLP on
-  ``concat(x_i, x_j)``, factorised so that it costs ``O(K^2 h)``), row-softmaxed into ``M``. A per-pair function gives
-  a ``K x K`` matrix for any ``K``, is equivariant to the order of the boxes (a ``Linear(C*9, K)`` is not: its j-th
-  output unit has nothing to do with instance j), is checkpointed with the distiller, and -- unlike a bilinear form,
-  which would duplicate the ``theta . phi`` similarity it multiplies -- it can score non-similarity relations
-  (context, "j is next to / larger than i"). ``A = softmax_row(L * M)``, ``z = x + W(A g(x))`` as in the note.
-* Relation width: ``theta/phi/g`` map ``C*9`` to ``min(relation_dim, C*9 // 2)``; with 256-channel FPNs the
-  official ``C*9 // 2 = 1152`` puts 44 M parameters in the four relation blocks (more than a ResNet-50 student;
-  ~0.5 GB with gradients and momentum) for a relation among ~7 boxes per image; ``relation_dim = 256`` (default)
-  needs 11 M (the whole distiller: 16 M). ``relation_dim = 0`` restores the official width.
+* Relation filter (``relation_filter``, :mod:`kdctl.distill.drkd_modules`): the official code draws a fresh random
+  ``Linear(C*9, K)`` at every step. The default ``"learned"`` (:class:`PairFilter`) is a small learned MLP on each
+  PAIR of instances, ``s_ij = w . relu(U x_i + V x_j + b)`` (the MLP on ``concat(x_i, x_j)``, factorised so that it
+  costs ``O(K^2 h)``), row-softmaxed into ``M``. A per-pair function gives a ``K x K`` matrix for any ``K``, is
+  equivariant to the order of the boxes (a ``Linear(C*9, K)`` is not: its j-th output unit has nothing to do with
+  instance j), is checkpointed with the distiller, and -- unlike a bilinear form, which would duplicate the
+  ``theta . phi`` similarity it multiplies -- it can score non-similarity relations (context, "j is next to /
+  larger than i"). ``A = softmax_row(L * M)``, ``z = x + W(A g(x))`` as in the note. Ablations: ``"random"``
+  (:class:`RandomFilter`: the official untrained ``Linear(C*9, K)``, drawn once per run from the run's seed and
+  checkpointed, instead of at every step) and ``"none"`` (no filter, ``A = softmax_row(L)``).
+* Relation width (``relation_dim``): ``theta/phi/g`` map ``C*9`` to ``C*9 // 2`` (``relation_dim = 0``, default,
+  the official width) or to ``min(relation_dim, C*9 // 2)``. With 256-channel FPNs the official 1152 puts 44 M
+  parameters in the four relation blocks (more than a ResNet-50 student; ~0.5 GB with gradients and momentum) for a
+  relation among ~7 boxes per image; ``relation_dim = 256`` needs 11 M (the whole distiller: 16 M). 256 was
+  kdctl's default until its training quality could be compared with the official width; it has not been yet, so
+  the default is the official one and 256 is the option for memory-bound runs.
 * GloRe widths: ``mid = 64`` on the two finest shared levels and ``256`` on the others for a 256-channel FPN (the
   official values); a narrower FPN scales them with its width, ``mid = max(1, round(base * C / 256))`` (e.g. 32/128
   at C=128, 4/16 at C=16), which keeps the reference ratio ``mid / C`` and the unit's cost proportional to the
-  FPN's; a wider FPN keeps 64/256. The node features are averaged over pixels (``V = state proj^T / (h*w)``,
-  GloRe's own ``normalize`` option for inputs of varying size, as detection's are): the official sum grows with
-  the image area and overflows fp16 on stride-4 maps.
+  FPN's; a wider FPN keeps 64/256. The node features are averaged over pixels (``glore_normalize = True``, default:
+  ``V = state proj^T / (h*w)``, GloRe's own ``normalize`` option for inputs of varying size, as detection's are):
+  the official sum (``glore_normalize = False``, the DRKD code's setting) grows with the image area and overflows
+  fp16 on stride-4 maps. The BatchNorm after ``extend`` removes most of the difference (``relu`` and the linear maps
+  are scale-equivariant; only the node-mixing bias and the BatchNorm's epsilon see the scale).
 * Cost: the GloRe units and the pixel term are computed in an equal but cheaper order (:meth:`GloReUnit.factors`,
   :meth:`DRKD.pixel_difference`): the BatchNorm is folded into node space, so neither GloRe output, nor any
   ``2 * mid``-channel map, nor a full-resolution BatchNorm is built; per pixel this is about half the
@@ -45,14 +52,15 @@ Design choices (see also the project design note ``drkd.md``):
   at once (instances padded per image and masked). No host synchronisation.
 * Normalisation (``normalize``): the official loss sums unsquared L2 distances over the per-device batch, so the
   published weights hold for 2 images per device at about 800x1333 (the pixel term grows with
-  ``sqrt(images * pixels)``, the instance terms with the number of images). ``normalize = True`` replaces each
-  distance by its root-mean-square over elements (pixel: per level; instance / relation: over all GT boxes of the
-  batch) times the square root of the element count of that reference batch (2 images of 800x1333; 7.3 boxes per
-  image, the COCO mean), i.e. the weights are rescaled so that the same recipe weights give the official magnitude
-  at the reference shape, and a batch of another size or resolution the same per-parameter pressure.
-  The default is ``False``: it is the loss the published weights were tuned with, and the rescaling above is our
-  extrapolation; use ``normalize = true`` in ``[kd.drkd]`` when a device sees other than 2 images per step.
-
+  ``sqrt(images * pixels)``, the instance terms with the number of images). ``normalize = True`` (default) replaces
+  each distance by its root-mean-square over elements (pixel: per level; instance / relation: over all GT boxes of
+  the batch) times the square root of the element count of that reference batch (2 images of 800x1333; 7.3 boxes
+  per image, the COCO mean): at the reference shape it equals the official loss, and a batch of any size or
+  resolution gets each term at the reference magnitude per image (the same two images repeated to a batch of 8 give
+  the terms of the batch of 2). Scaling the summed loss by ``2 / images per device`` instead would fix the instance
+  terms but not the pixel term, one norm over the whole batch, which would fall as ``2 / sqrt(images)``, nor any
+  term's dependence on the image size (measured: ``benchmarks/term_magnitudes.py``). ``normalize = False`` is the
+  raw official loss, for runs at the reference shape.
 Weights: ``[kd.drkd]`` of the recipe (``pixel``, ``relation``, ``instance``); when not given, the official values
 for the student's architecture (Faster R-CNN 1e-3 / 4e-3 / 2.4e-3; RetinaNet and FCOS 4e-3 / 5e-3 / 6e-3).
 
@@ -67,13 +75,13 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
 from kdctl.data.batch import Batch
 from kdctl.distill.base import Distiller
+from kdctl.distill.drkd_modules import RELATION_FILTERS, GloReUnit, RelationBlock, conv1x1
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
 
@@ -88,137 +96,6 @@ INSTANCE_LEVELS = 2  # instance / relation terms on this many finest shared leve
 REFERENCE_IMAGES = 2  # the official weights assume 2 images per device ...
 REFERENCE_AREA = 800 * 1333  # ... of about 800x1333 pixels ...
 REFERENCE_BOXES = 7.3  # ... with the COCO mean of 7.3 GT boxes per image
-
-
-# =========================================================================== modules
-class GloReUnit(nn.Module):
-    """Graph-based global reasoning unit (Chen et al., CVPR 2019), residual: ``G(X) = X + BN(extend(Y))``.
-
-    ``state = conv_state(X)``, ``proj = conv_proj(X)``, ``V = state proj^T / hw`` (pixels -> nodes),
-    ``H = V + node_mix(V)``, ``Z = state_update(relu(H))``, ``Y = Z proj`` (nodes -> pixels), ``BN`` a
-    BatchNorm2d (batch statistics in training, running statistics in eval mode, both kept up to date).
-
-    Computed in another, equal order (:meth:`factors`): everything after ``proj`` is linear in ``proj`` per image,
-    so ``BN(extend(Y)) = E' proj + shift`` with a small ``E' [N, C, Nn]``, and the BatchNorm statistics of
-    ``E proj`` follow from ``E``, the per-image mean and the Gram matrix of ``proj``. No map wider than ``Nn``
-    channels is built at full resolution: ``3 C Nn + Nn^2`` multiply-adds per pixel instead of about
-    ``3 C Nn + 4 Nn^2 + 2 C Nn`` plus a BatchNorm, and nothing of ``C`` channels is kept for the backward.
-
-    Args:
-        channels: C, the feature's channel count (in = out).
-        mid: node count ``Nn``; the state width is ``Cs = 2 * mid``.
-    """
-
-    def __init__(self, channels: int, mid: int) -> None:
-        super().__init__()
-        self.nodes, self.states = mid, 2 * mid
-        self.conv_state = nn.Conv2d(channels, self.states, 1)
-        self.conv_proj = nn.Conv2d(channels, self.nodes, 1)
-        self.node_mix = nn.Linear(self.nodes, self.nodes)  # the adjacency "A" of H = (I + A) V, over nodes
-        self.state_update = nn.Linear(self.states, self.states, bias=False)  # W of Z = W relu(H)
-        self.conv_extend = nn.Conv2d(self.states, channels, 1, bias=False)
-        self.norm = nn.BatchNorm2d(channels, eps=1e-4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [N, C, h, w] -> G(x) [N, C, h, w]."""
-        weight, proj, shift = self.factors(x)
-        return x + (weight @ proj + shift[:, None]).view_as(x)
-
-    def factors(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [N, C, h, w] -> (E' [N, C, Nn], proj [N, Nn, hw], shift [C]) with ``G(x) = x + E' proj + shift``."""
-        hw = x.shape[-2] * x.shape[-1]
-        flat = x.flatten(2)  # [N, C, hw]
-        proj = conv1x1(x, self.conv_proj.weight, self.conv_proj.bias).flatten(2)  # [N, Nn, hw]
-        pbar = proj.mean(-1, dtype=_wide(proj.dtype))  # [N, Nn]: per-image mean of proj
-        # X proj^T / hw, scaled inside the GEMM (no fp16 overflow, no scaled copy of proj)
-        pooled = torch.baddbmm(flat.new_zeros(()), flat, proj.transpose(1, 2), beta=0, alpha=1.0 / hw)  # [N, C, Nn]
-        v = self.conv_state.weight.flatten(1) @ pooled + self.conv_state.bias[:, None] * pbar[:, None, :]
-        hid = v + self.node_mix(v)  # [N, Cs, Nn]
-        z = self.state_update(F.relu(hid).transpose(1, 2)).transpose(1, 2)  # [N, Cs, Nn]
-        e = self.conv_extend.weight.flatten(1) @ z  # [N, C, Nn]: extend(Y) = e proj
-        mean, var = self._statistics(e, proj, pbar)
-        bn = self.norm
-        scale = bn.weight * torch.rsqrt(var + bn.eps)  # [C]
-        return e * scale[:, None], proj, bn.bias - mean * scale
-
-    def _statistics(self, e: Tensor, proj: Tensor, pbar: Tensor) -> tuple[Tensor, Tensor]:
-        """BatchNorm mean / variance [C] of ``y = e proj`` over (N, hw), from small tensors (float32).
-
-        Training: batch statistics (biased variance, as BatchNorm) and a running-statistics update; eval: running.
-        """
-        bn = self.norm
-        if not (self.training or bn.running_mean is None):
-            return bn.running_mean, bn.running_var
-        with torch.autocast(e.device.type, enabled=False):
-            ef, pf = e.to(pbar.dtype), proj.to(pbar.dtype)
-            means = (ef @ pbar[..., None]).squeeze(-1)  # [N, C]: per-image channel means
-            gram = pf @ pf.transpose(1, 2) / pf.shape[-1]  # [N, Nn, Nn]
-            cov = gram - pbar[:, :, None] * pbar[:, None, :]  # per-image covariance of proj
-            within = ((ef @ cov) * ef).sum(-1)  # [N, C]: per-image variance of y
-            mean = means.mean(0)
-            var = (within + (means - mean) ** 2).mean(0).clamp_min(0)
-        if self.training and bn.running_mean is not None:
-            self._update_running(mean.detach(), var.detach(), proj.shape[0] * proj.shape[-1])
-        return mean, var
-
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """BatchNorm's running statistics update (unbiased variance), momentum ``norm.momentum``."""
-        bn = self.norm
-        bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        bn.running_var.mul_(1 - m).add_(var * (count / max(count - 1, 1)), alpha=m)
-
-
-class PairFilter(nn.Module):
-    """Learned relation filter: a small MLP on every pair of instances, ``s_ij = w . relu(U x_i + V x_j + b)``.
-
-    Args:
-        dim: D, the instance feature size.
-        hidden: h, the MLP width.
-    """
-
-    def __init__(self, dim: int, hidden: int = 64) -> None:
-        super().__init__()
-        self.left = nn.Linear(dim, hidden)
-        self.right = nn.Linear(dim, hidden, bias=False)
-        self.score = nn.Linear(hidden, 1, bias=False)  # a constant would cancel in the row softmax
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, K, D] -> pair scores [B, K, K] (row i: instance i's scores for every instance j)."""
-        hid = F.relu(self.left(x)[:, :, None] + self.right(x)[:, None, :])  # [B, K, K, h]
-        return self.score(hid).squeeze(-1)
-
-
-class RelationBlock(nn.Module):
-    """Non-local relation among the instances of each image, gated by a learned :class:`PairFilter`.
-
-    ``L = theta(x) phi(x)^T``, ``M = softmax_row(filter(x))``, ``A = softmax_row(L * M)``, ``z = x + W(A g(x))``;
-    padded instances (``valid`` False) are never attended to and attend only to themselves.
-
-    Args:
-        dim: D = C * roi_size^2, the flattened RoI feature size.
-        inter: width of theta / phi / g.
-        filter_hidden: width of the pair filter's MLP.
-    """
-
-    def __init__(self, dim: int, inter: int, filter_hidden: int = 64) -> None:
-        super().__init__()
-        self.theta = nn.Linear(dim, inter)
-        self.phi = nn.Linear(dim, inter)
-        self.g = nn.Linear(dim, inter)
-        self.W = nn.Linear(inter, dim)
-        self.filter = PairFilter(dim, filter_hidden)
-
-    def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """x: [B, K, D], valid: bool [B, K] -> z [B, K, D] (relation-enhanced), A [B, K, K] (filtered relation)."""
-        k = x.shape[1]
-        allowed = valid[:, None, :] | torch.eye(k, dtype=torch.bool, device=x.device)  # [B, K, K]
-        sim = self.theta(x) @ self.phi(x).transpose(1, 2)  # [B, K, K]
-        gate = self.filter(x).masked_fill(~allowed, float("-inf")).softmax(-1)
-        attn = (sim * gate).masked_fill(~allowed, float("-inf")).softmax(-1)
-        return x + self.W(attn @ self.g(x)), attn
 
 
 # =========================================================================== geometry helpers
@@ -289,24 +166,31 @@ class DRKD(Distiller):
     Args:
         teacher, student: kdctl CNN detectors (``fpn_strides``, ``fpn_channels``, taps ``features`` / ``boxes``).
         pixel, relation, instance: loss weights (default: the official values for the student's architecture).
-        normalize: RMS distances rescaled to the reference batch (see the module docstring) instead of summed
-            unsquared L2 distances (default, the official loss).
+        normalize: RMS distances rescaled to the reference batch (default; see the module docstring) instead of the
+            official summed unsquared L2 distances (False).
         roi_size: RoIAlign output side (3).
         sampling_ratio: RoIAlign samples per bin side (-1: adaptive, as the official code).
-        relation_dim: width of the relation blocks' theta / phi / g (capped at D // 2; 0: D // 2, the official).
-        filter_hidden: width of the relation filter's pair MLP.
+        relation_dim: width of the relation blocks' theta / phi / g (0: D // 2, the official width, default; else
+            capped at D // 2).
+        relation_filter: "learned" (default), "random" (the official untrained filter, fixed per run) or "none".
+        filter_hidden: width of the learned relation filter's pair MLP.
+        glore_normalize: GloRe node states averaged over pixels (default) or summed (False, the official code).
     """
 
     name: ClassVar[str] = "drkd"
+    OPTIONS: ClassVar[tuple[str, ...]] = ("pixel", "relation", "instance", "normalize", "roi_size", "sampling_ratio",
+                                          "relation_dim", "relation_filter", "filter_hidden", "glore_normalize")
 
     def __init__(
         self, teacher: Detector, student: Detector, *, pixel: float | None = None, relation: float | None = None,
-        instance: float | None = None, normalize: bool = False, roi_size: int = 3, sampling_ratio: int = -1,
-        relation_dim: int = 256, filter_hidden: int = 64, **unknown: Any,
+        instance: float | None = None, normalize: bool = True, roi_size: int = 3, sampling_ratio: int = -1,
+        relation_dim: int = 0, relation_filter: str = "learned", filter_hidden: int = 64, glore_normalize: bool = True,
+        **unknown: Any,
     ) -> None:
         if unknown:
-            raise KdctlError(f"[kd.drkd]: unknown key(s) {', '.join(sorted(unknown))}; known: pixel, relation, "
-                             "instance, normalize, roi_size, sampling_ratio, relation_dim, filter_hidden")
+            raise KdctlError(f"[kd.drkd]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(self.OPTIONS)}")
+        if relation_filter not in RELATION_FILTERS:
+            raise KdctlError(f"[kd.drkd] relation_filter {relation_filter!r}: use one of {', '.join(RELATION_FILTERS)}")
         weights = _resolve_weights(student, pixel, relation, instance)
         super().__init__(teacher, student, **weights, normalize=bool(normalize))
         self.w_pixel, self.w_relation, self.w_instance = weights["pixel"], weights["relation"], weights["instance"]
@@ -315,16 +199,17 @@ class DRKD(Distiller):
         self.instance_strides = self.strides[:INSTANCE_LEVELS]
         cs, ct = int(student.fpn_channels), int(teacher.fpn_channels)
         self.channels = (cs, ct)
-        fine = set(self.instance_strides)
-        self.glore_student = nn.ModuleDict({_key(s): GloReUnit(cs, glore_mid(cs, s in fine)) for s in self.strides})
-        self.glore_teacher = nn.ModuleDict({_key(s): GloReUnit(ct, glore_mid(ct, s in fine)) for s in self.strides})
+        fine, gn = set(self.instance_strides), bool(glore_normalize)
+        self.glore_student = nn.ModuleDict({_key(s): GloReUnit(cs, glore_mid(cs, s in fine), gn) for s in self.strides})
+        self.glore_teacher = nn.ModuleDict({_key(s): GloReUnit(ct, glore_mid(ct, s in fine), gn) for s in self.strides})
         self.pixel_adapt = nn.ModuleDict({_key(s): nn.Conv2d(cs, ct, 1) for s in self.strides})
         area = self.roi_size**2
-        ds, dt = cs * area, ct * area
-        self.relation_student = nn.ModuleDict({_key(s): RelationBlock(ds, _inter(ds, relation_dim), filter_hidden)
-                                               for s in self.instance_strides})
-        self.relation_teacher = nn.ModuleDict({_key(s): RelationBlock(dt, _inter(dt, relation_dim), filter_hidden)
-                                               for s in self.instance_strides})
+
+        def relation_blocks(dim: int) -> nn.ModuleDict:
+            return nn.ModuleDict({_key(s): RelationBlock(dim, _inter(dim, relation_dim), filter_hidden, relation_filter)
+                                  for s in self.instance_strides})
+
+        self.relation_student, self.relation_teacher = relation_blocks(cs * area), relation_blocks(ct * area)
         self.relation_adapt = nn.ModuleDict({_key(s): nn.Conv2d(cs, ct, 1) for s in self.instance_strides})
         self.instance_adapt = nn.ModuleDict({_key(s): nn.Conv2d(cs, ct, 1) for s in self.instance_strides})
 
@@ -416,22 +301,6 @@ class DRKD(Distiller):
         if self.normalize:  # RMS * sqrt(reference element count) = ||diff|| * 2 * sqrt(7.3 / n_inst)
             return torch.linalg.vector_norm(diff) * REFERENCE_IMAGES * math.sqrt(REFERENCE_BOXES / n_inst)
         return torch.linalg.vector_norm(diff, dim=(1, 2)).sum()
-
-
-def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.conv2d(x, weight, bias)`` for a 1x1 kernel, x [N, C, h, w] -> [N, O, h, w], in the input's layout.
-
-    Channels-last input: one GEMM ``x W^T`` over the [N, h, w, C] view, output channels-last, no layout conversion
-    (a 1x1 convolution of a small batch runs on CPU as an im2col GEMM that converts to NCHW and back).
-    """
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return F.conv2d(x, weight, bias)
-    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 inputs (statistics are never computed in 16 bits)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _key(stride: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,58 @@ TRAINER_STATE = "trainer.pt"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file + rename); an OS error is one KdctlError line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
+
+
+def write_error(path: Path, e: OSError) -> KdctlError:
+    """One line for an OS error while writing ``path`` (read-only folder, disk full, a file where a folder
+    should be)."""
+    cause = e.strerror or str(e) or e.__class__.__name__
+    where = e.filename if e.filename else path
+    return KdctlError(f"cannot write {where}: {cause}")
+
+
+_TEMP = re.compile(r"^(?P<name>.+)\.tmp-?(?P<pid>\d+)(\.png)?$")
+"""Temp names of the atomic writes: ``NAME.tmp-PID`` folders (checkpoints), ``.NAME.tmpPID`` files (JSON, TOML)."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def clean_stale_temps(run: Path) -> list[Path]:
+    """Remove the ``NAME.tmp-PID`` checkpoint folders a killed process left in ``run`` (its PID is gone, or it is
+    this process). Returns what was removed."""
+    removed = []
+    for folder in (Path(run), Path(run) / "eval"):
+        for p in folder.glob("*.tmp*") if folder.is_dir() else []:
+            m = _TEMP.match(p.name)
+            if m and (int(m["pid"]) == os.getpid() or not pid_alive(int(m["pid"]))):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,15 +110,30 @@ def _tuplify(x: Any) -> Any:
 
 
 def save_checkpoint(directory: Path, student, trainer_state: dict[str, Any] | None) -> Path:
-    """Write ``directory`` atomically: the student model dir plus, if given, ``trainer.pt``."""
+    """Write ``directory`` atomically: the student model dir plus, if given, ``trainer.pt``.
+
+    A failed write (disk full, read-only folder) removes its temp folder, leaves the previous checkpoint as it
+    was and raises one KdctlError line naming the path and the cause.
+    """
     directory = Path(directory)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f"{directory.name}.old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    student.save(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        student.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the previous checkpoint {directory} is intact" if directory.exists() else ""
+        raise KdctlError(f"{write_error(tmp, e)}{kept}") from e
+    except RuntimeError as e:  # torch.save reports a full disk as RuntimeError (file write failed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "write" not in str(e).lower():
+            raise
+        kept = f"; the previous checkpoint {directory} is intact" if directory.exists() else ""
+        raise KdctlError(f"cannot write {tmp / TRAINER_STATE}: {str(e).splitlines()[0]}{kept}") from e
     if directory.exists():
         if old.exists():
             shutil.rmtree(old)

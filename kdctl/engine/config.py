@@ -30,6 +30,24 @@ DEFAULT_OPTIM: dict[str, Any] = {
 }
 
 
+PATH_KEYS = ("data", "train_ann", "val_ann", "images", "label_map", "output", "backbone_weights")
+"""RunConfig fields that always name local files or folders."""
+
+AUTO_SAVE_EVERY = 500
+"""Steps between mid-epoch checkpoints when --save-every-steps is auto and an epoch is longer than that."""
+
+
+def save_interval(setting: int | None, steps_per_epoch: int) -> int:
+    """--save-every-steps -> steps between mid-epoch ``last/`` checkpoints (0 = at epoch ends only).
+
+    auto (None): every :data:`AUTO_SAVE_EVERY` steps when an epoch has more steps than that (a large dataset, where
+    a preemption would otherwise lose most of an epoch), else at epoch ends only.
+    """
+    if setting is None:
+        return AUTO_SAVE_EVERY if steps_per_epoch > AUTO_SAVE_EVERY else 0
+    return max(0, int(setting))
+
+
 @dataclass
 class RunConfig:
     """Every resolved option of a ``kdctl train`` / ``kdctl distill`` run."""
@@ -57,6 +75,7 @@ class RunConfig:
     channels_last: bool | None = None  # NHWC convolutions; None = auto (see kdctl.engine.trainer.use_channels_last)
     eval_every: int = 1
     log_every: int = 10
+    save_every_steps: int | None = None  # last/ every N steps as well as every epoch; None = auto, 0 = epochs only
     name: str | None = None
     output: str = "runs"
     recipe: str | None = None
@@ -70,6 +89,22 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def absolute_paths(self) -> RunConfig:
+        """Make every local path absolute (in place), so that ``--resume`` works from any working directory.
+
+        Hub ids and preset names stay as they are; a model spec is a path when it names an existing file or
+        folder (the rule :func:`kdctl.specs.resolve` applies first).
+        """
+        for key in PATH_KEYS:
+            v = getattr(self, key)
+            if v:
+                setattr(self, key, str(Path(v).expanduser().absolute()))
+        for key in ("model", "teacher"):
+            v = getattr(self, key)
+            if v and not str(v).startswith("torchvision:") and Path(v).expanduser().exists():
+                setattr(self, key, str(Path(v).expanduser().absolute()))
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -6,12 +6,27 @@ Also the metrics log (``metrics.jsonl``) and the PNG plot of losses and AP over 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+
+def percent(value: float) -> str:
+    """A COCO metric (a fraction, -1 when undefined: no ground truth) as points with one decimal, or "n/a"."""
+    return f"{100 * value:.1f}" if value >= 0 else "n/a"
+
+
+def new_console(stderr: bool = False) -> Console:
+    """A rich console that wraps nothing when its output is not a terminal (a pipe or a log file keeps whole
+    lines and whole paths; tables take the width they need)."""
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal:
+        c = Console(stderr=stderr, highlight=False, soft_wrap=True, width=max(c.width, 200))
+    return c
 
 
 def fmt_terms(terms: dict[str, float], limit: int = 8) -> str:
@@ -24,7 +39,7 @@ class Reporter:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(highlight=False)
+        self.console = console or new_console()
         self.live = self.enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._task = None
@@ -127,7 +142,8 @@ def plot(metrics: MetricsLog, out: Path) -> Path | None:
     for k in keys:
         pts = [(r["step"], r[k]) for r in train if isinstance(r.get(k), (int, float))]
         if pts:
-            a.plot(*zip(*pts, strict=True), label=k, lw=1.2 if k == "loss" else 0.8)
+            a.plot(*zip(*pts, strict=True), label=k, lw=1.2 if k == "loss" else 0.8,
+                   marker="o" if len(pts) == 1 else None)
     a.set_xlabel("step")
     a.set_ylabel("loss")
     a.set_yscale("log" if all(r.get("loss", 1) > 0 for r in train) else "linear")
@@ -135,9 +151,10 @@ def plot(metrics: MetricsLog, out: Path) -> Path | None:
         a.legend(fontsize=7)
     a.set_title("training losses")
     for k in ("AP", "AP50", "AP75"):
-        pts = [(r["step"], 100 * r[k]) for r in evals if isinstance(r.get(k), (int, float))]
+        pts = [(r["step"], 100 * r[k]) for r in evals if isinstance(r.get(k), (int, float)) and r[k] >= 0]
         if pts:
             b.plot(*zip(*pts, strict=True), marker="o", label=k)
+    b.set_ylim(bottom=0, top=max(5.0, min(100.0, 1.1 * max((100 * r.get("AP50", 0) for r in evals), default=0))))
     b.set_xlabel("step")
     b.set_ylabel("AP (%)")
     b.set_title("validation")
@@ -145,7 +162,7 @@ def plot(metrics: MetricsLog, out: Path) -> Path | None:
         b.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(out)

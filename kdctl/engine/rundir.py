@@ -11,17 +11,24 @@ def new_run_dir(output: str | Path, task: str, name: str | None = None) -> Path:
 
     ``name`` defaults to "exp"; when ``output/task/name`` exists, the first free ``name2``, ``name3``... is used.
     """
+    from kdctl.errors import KdctlError
+
     base = Path(output).expanduser() / task
-    base.mkdir(parents=True, exist_ok=True)
     stem = name or "exp"
     candidate, n = base / stem, 2
-    while True:
-        try:
-            os.mkdir(candidate)  # atomic: two processes never get the same directory
-            return candidate
-        except FileExistsError:
-            candidate = base / f"{stem}{n}"
-            n += 1
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(candidate)  # atomic: two processes never get the same directory
+                return candidate
+            except FileExistsError:
+                candidate = base / f"{stem}{n}"
+                n += 1
+    except OSError as e:  # read-only folder, a file where a folder should be, disk full
+        where = e.filename or candidate
+        raise KdctlError(f"cannot create the run folder {where}: {e.strerror or e.__class__.__name__} "
+                         "(pass another --output)") from e
 
 
 def resolve_device(device: str = "auto") -> str:

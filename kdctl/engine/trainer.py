@@ -26,6 +26,7 @@ from kdctl.data.batch import Batch
 from kdctl.engine import distributed as D
 from kdctl.engine.checkpoint import (
     checkpoint_dir,
+    clean_stale_temps,
     load_trainer_state,
     rng_state,
     save_checkpoint,
@@ -39,9 +40,11 @@ from kdctl.engine.config import (
     load_recipe,
     lr_lambda,
     read_config,
+    save_interval,
     write_config,
 )
-from kdctl.engine.progress import MetricsLog, Reporter, plot
+from kdctl.engine.progress import MetricsLog, Reporter, percent, plot
+from kdctl.engine.runlock import RunLock
 from kdctl.errors import BackboneWeightsUnavailable, KdctlError
 
 MAX_NONFINITE = 5
@@ -232,12 +235,16 @@ class Trainer:
         if resume is not None:
             run = Path(resume).expanduser()
             cfg, _ = read_config(run / "config.toml")
-            for k, v in (overrides or {}).items():
-                setattr(cfg, k, v)
+            given = RunConfig(**{k: v for k, v in (overrides or {}).items()}).absolute_paths()
+            for k in overrides or {}:
+                setattr(cfg, k, getattr(given, k))
             self.resume_from = run
         elif cfg is None:
             raise ValueError("a RunConfig or a run directory to resume is needed")
+        else:
+            cfg.absolute_paths()
         self.cfg = cfg
+        self.lock: RunLock | None = None
         self._reporter = reporter
 
     # ------------------------------------------------------------------ set-up
@@ -261,12 +268,18 @@ class Trainer:
             device = f"cuda:{self.dist.local_rank}"
         self.device = device
         main = self.dist.is_main
+        if self.resume_from is not None and main:  # before anything in the run directory is read or written
+            self.lock = RunLock(self.resume_from).acquire()
+            clean_stale_temps(self.resume_from)
         self.report = self._reporter or Reporter(enabled=main and not cfg.quiet)
         torch.manual_seed(cfg.seed)
 
         # data first: a broken dataset fails before anything heavy is loaded
         train_split = "train"
         self.train_data = open_split(cfg.data, train_split, ann=cfg.train_ann, images=cfg.images)
+        if not any(not a.get("iscrowd", 0) for a in self.train_data.coco["annotations"]):
+            raise KdctlError(f"{self.train_data.ann_path}: the training split has no boxes (no annotations, or only "
+                             "crowd ones); there is nothing to learn from")
         self.val_data = open_split(cfg.data, "val", ann=cfg.val_ann, images=cfg.images)
         check_same_classes(self.train_data, self.val_data)
         names = self.train_data.names
@@ -320,14 +333,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         try:
             self.student = build_student(cfg.pretrained_backbone)
-        except BackboneWeightsUnavailable as e:  # offline: say so in one line and train from scratch
+        except BackboneWeightsUnavailable as e:  # offline, or none exist: say so in one line, train from scratch
             warn(f"{str(e).split('; pass')[0]}; training the backbone from scratch (--no-pretrained-backbone "
-                 "skips the download)")
+                 "says so up front)")
             cfg.pretrained_backbone = False
             self.student = build_student(False)
         self.student.set_classes(names, label_map)
         self.student.to(device).train()
         cfg.imgsz = cfg.imgsz or self.student.imgsz
+        self.student.imgsz = int(cfg.imgsz)  # saved with the model: eval, inspect and export use the trained size
         cfg.batch_size = cfg.batch_size or 8
         if cfg.batch_size % self.dist.world:
             raise KdctlError(f"--batch-size {cfg.batch_size} is not divisible by the {self.dist.world} processes")
@@ -357,6 +371,7 @@ class Trainer:
             cfg.epochs = 12
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.save_every = save_interval(cfg.save_every_steps, self.steps_per_epoch)
 
         # model, optimiser, schedule, AMP
         self.amp = amp_dtype(cfg.amp, device)
@@ -385,6 +400,7 @@ class Trainer:
             self._load_state(load_trainer_state(last))
         elif main:
             self.run_dir = new_run_dir(cfg.output, cfg.task, cfg.name)
+            self.lock = RunLock(self.run_dir).acquire()
         else:
             self.run_dir = Path(cfg.output) / cfg.task / "_rank"
         if self.dist.enabled:  # every rank learns rank 0's directory
@@ -399,6 +415,7 @@ class Trainer:
                 "teacher_amp": str(self.teacher_amp).removeprefix("torch.") if self.teacher_amp else "off",
                 "channels_last": self.channels_last,
                 "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "save_every_steps": self.save_every,
                 "student": self.student.architecture, "teacher": self.teacher.architecture if self.teacher else "",
                 "classes": list(names),
             })
@@ -446,6 +463,8 @@ class Trainer:
         finally:
             self._close_loaders()
             D.teardown()
+            if self.lock is not None:
+                self.lock.release()
 
     def _close_loaders(self) -> None:
         """Stop persistent loader workers now, in this process (not at garbage collection, possibly in a fork)."""
@@ -464,6 +483,8 @@ class Trainer:
             raise KdctlError(f"{self.run_dir} already reached step {self.pos.step} of {self.total_steps}; "
                              "pass a larger --max-steps or --epochs to continue")
         self._boundary, self._boundary_rng = Position(**vars(self.pos)), rng_state()
+        if self.save_every:
+            self.report.print(f"checkpoint last/ every {self.save_every} steps and at every epoch end")
         self.report.print(
             f"{cfg.task}: {self.student.architecture} ({self.student.num_parameters() / 1e6:.1f} M params) on "
             f"{self.device}, {len(self.train_set)} train / {len(self.val_set)} val images, imgsz {cfg.imgsz}, "
@@ -477,7 +498,8 @@ class Trainer:
             while self.pos.step < self.total_steps:
                 epoch = self.pos.epoch
                 self.sampler.set_epoch(epoch, start=self.pos.batch * self.loader.batch_size)
-                self.report.start_epoch(epoch, self.epochs, self.batches_per_epoch, self.pos.batch)
+                self._epoch_total = self._batches_this_epoch()
+                self.report.start_epoch(epoch, self.epochs, self._epoch_total, self.pos.batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = 0
                 t0 = time.perf_counter()
@@ -504,6 +526,8 @@ class Trainer:
                         self.on_step(self)
                     if self.pos.step >= self.total_steps or last_in_epoch:
                         break
+                    if self.save_every and self.pos.step % self.save_every == 0:
+                        self.save_last()  # mid-epoch: a preemption loses at most save_every steps
                 self.report.end_epoch()
                 epoch_done = self.pos.batch == 0
                 if self.pos.step >= self.total_steps or (epoch_done and (self.pos.epoch % max(1, cfg.eval_every) == 0)):
@@ -599,7 +623,8 @@ class Trainer:
         self.metrics.write(row)
         meta = {"type", "step", "epoch", "lr", "time_per_step", "gpu_mem_gb"}
         shown = {k: v for k, v in row.items() if k not in meta}
-        self.report.update(self.pos.batch or self.batches_per_epoch, self.batches_per_epoch, epoch, self.epochs,
+        total = getattr(self, "_epoch_total", self.batches_per_epoch)
+        self.report.update(self.pos.batch or total, total, epoch, self.epochs,
                            self.pos.step, 1.0 / dt if dt > 0 else 0.0, shown, extra)
 
     # ------------------------------------------------------------------ evaluation
@@ -645,8 +670,8 @@ class Trainer:
                 _write_json(self.run_dir / "eval" / "best.json", row)
             elif not finite:
                 self.report.print("[yellow]warning:[/] non-finite weights: not saved as best")
-            self.report.print(f"eval step {self.pos.step}: AP {100 * ap:.1f}  AP50 {100 * metrics['AP50']:.1f}  "
-                              f"AP75 {100 * metrics['AP75']:.1f}  ({secs:.1f}s)")
+            self.report.print(f"eval step {self.pos.step}: AP {percent(ap)}  AP50 {percent(metrics['AP50'])}  "
+                              f"AP75 {percent(metrics['AP75'])}  ({secs:.1f}s)")
             plot(self.metrics, self.run_dir / "results.png")
         return metrics
 
@@ -656,11 +681,18 @@ class Trainer:
                 ("time", f"{r.seconds:.1f}s ({r.step_time:.3f}s/step median)"),
                 ("peak memory", f"{r.peak_memory_mb:.0f} MB ({'GPU' if self.device.startswith('cuda') else 'RSS'})")]
         if m:
-            rows += [("AP / AP50 / AP75", f"{100 * m['AP']:.1f} / {100 * m['AP50']:.1f} / {100 * m['AP75']:.1f}"),
-                     ("best AP", f"{100 * max(self.best_ap, 0):.1f}")]
-        rows += [("weights", f"{self.run_dir}/best, {self.run_dir}/last"), ("metrics", f"{self.run_dir}/metrics.jsonl"),
-                 ("plot", f"{self.run_dir}/results.png")]
+            rows += [("AP / AP50 / AP75", f"{percent(m['AP'])} / {percent(m['AP50'])} / {percent(m['AP75'])}"),
+                     ("best AP", percent(self.best_ap))]
+        weights = [str(d) for d in (self.run_dir / "best", self.run_dir / "last") if d.is_dir()]
+        rows += [(what, ", ".join(paths)) for what, paths in (
+            ("weights", weights), ("metrics", [str(self.run_dir / "metrics.jsonl")]),
+            ("plot", [str(self.run_dir / "results.png")])) if paths and all(Path(x).exists() for x in paths)]
         self.report.table(f"kdctl {self.cfg.task} finished", rows)
+
+    def _batches_this_epoch(self) -> int:
+        """Micro-batches this epoch will run: the whole epoch, or fewer when --max-steps ends the run in it."""
+        steps_left = self.total_steps - self.pos.step
+        return min(self.batches_per_epoch, self.pos.batch + steps_left * self.cfg.grad_accum)
 
 
 def train(cfg: RunConfig | None = None, *, resume: str | Path | None = None,

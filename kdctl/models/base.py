@@ -13,7 +13,9 @@ A Detector wraps the family's own ``nn.Module`` (``self.model``) and speaks kdct
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,6 +52,13 @@ class Detector(nn.Module):
     """
 
     family: ClassVar[str] = "?"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's ``save`` leaves its weight files with the process umask's permissions."""
+        super().__init_subclass__(**kwargs)
+        save = cls.__dict__.get("save")
+        if save is not None and not getattr(save, "_kdctl_umask", False):
+            cls.save = _with_umask(save)
 
     def __init__(self, model: nn.Module, label_names: list[str], architecture: str, imgsz: int = 640) -> None:
         super().__init__()
@@ -142,21 +151,23 @@ class Detector(nn.Module):
         "labels": [...] (indices), "names": [...]}``.
         """
         from torchvision import tv_tensors
-        from torchvision.io import ImageReadMode, decode_image, read_file
         from torchvision.transforms.v2 import functional as F
 
         from kdctl.data.batch import collate
+        from kdctl.data.images import decode
         from kdctl.data.transforms import build_transforms
 
         tf = build_transforms(imgsz or self.imgsz, train=False)
         samples = []
         for im in images:
             if isinstance(im, (str, Path)):
-                t = decode_image(read_file(str(im)), mode=ImageReadMode.RGB)
+                t = decode(Path(im), apply_exif=True)  # a photo as viewers show it (EXIF orientation applied)
             elif isinstance(im, Tensor):
                 t = im
-            else:  # PIL
-                t = F.pil_to_tensor(im.convert("RGB"))
+            else:  # PIL: as viewers show it
+                from PIL import ImageOps
+
+                t = F.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
             h, w = t.shape[-2:]
             boxes = tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY", canvas_size=(h, w))
             img, tgt = tf(tv_tensors.Image(t), {"boxes": boxes, "labels": torch.zeros(0, dtype=torch.long)})
@@ -199,6 +210,39 @@ class Detector(nn.Module):
             "imgsz": self.imgsz,
             "kd_methods": self.kd_methods(),
         }
+
+
+def process_umask() -> int:
+    """The process umask (from /proc where available: reading it with ``os.umask`` briefly changes it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(directory: Path, pattern: str = "*.safetensors") -> None:
+    """Give the files ``pattern`` matches in ``directory`` the mode a plain ``open()`` would (0666 minus the
+    umask): safetensors writes them 0600 (a private temp file renamed into place), unlike every other file."""
+    mode = 0o666 & ~process_umask()
+    for path in Path(directory).glob(pattern):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def _with_umask(save: Any) -> Any:
+    @functools.wraps(save)
+    def wrapper(self: Detector, directory: str | Path, *args: Any, **kwargs: Any) -> Path:
+        out = save(self, directory, *args, **kwargs)
+        apply_umask(Path(out if out is not None else directory))
+        return out
+
+    wrapper._kdctl_umask = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _norm(name: str) -> str:

@@ -20,6 +20,9 @@ layers, N = images, Q = the model's queries, C' = classes as the model was train
 * ``"boxes"``: [L, N, Q, 4] normalised cx, cy, w, h of every decoder layer (last = final);
 * ``"queries"``: the queries the pass used, detached: the learned queries [Q, D] or, for two-stage Deformable
   DETR, the per-image encoder proposals [N, Q, 4] (the "specific distillation points");
+* ``"reference_points"``: Deformable DETR ("embed2"): the [N, Q, 2] points its own ``reference_points`` head gave
+  the queries, detached (pass them to :meth:`DetrDetector.decode_groups` to decode the queries at the same points
+  with another model); None for the other models, whose queries are their points or have none;
 * ``"memory"``: [N, S, d_model] encoder output (S = flattened feature positions, all levels for Deformable),
   ``"memory_mask"``: [N, S] True/1 on valid (not padded) positions;
 * ``"decoder_kwargs"``: the keyword arguments the model passed to its decoder (encoder memory, masks, position
@@ -33,7 +36,8 @@ Queries (:attr:`DetrDetector.query_kind`, :attr:`DetrDetector.query_dim`):
 * ``"anchor4"`` [Q, 4]: DAB-DETR anchor boxes before sigmoid; two-stage Deformable DETR uses the same format
   for its image-dependent proposals (so DAB anchors and two-stage proposals are interchangeable);
 * ``"embed2"`` [Q, 2 * d_model]: Deformable DETR (plain / box refine) ``[position | content]`` embeddings; the
-  reference points come from the model's own ``reference_points`` head.
+  reference points come from the model's own ``reference_points`` head unless :meth:`DetrDetector.decode_groups`
+  is given others (``reference_points``).
 
 Parity (tests/test_detr_adapter.py): ``decode(taps, queries_used)`` reproduces the normal forward's final AND
 auxiliary logits/boxes (max abs diff < 1e-5) for DETR (with and without ``auxiliary_loss``), Conditional DETR,
@@ -103,6 +107,11 @@ class _Ops:
     def used_queries(self, model: nn.Module, kw: dict[str, Any]) -> Tensor:
         """The queries the recorded pass used: [Q, D] learned, or [N, Q, D] when image-dependent."""
         return self.learned_queries(model).detach()
+
+    def used_reference_points(self, model: nn.Module, kw: dict[str, Any]) -> Tensor | None:
+        """The reference points [N, Q, c] the recorded pass decoded its queries at, where a model's own head derives
+        them from the query (Deformable "embed2"); None where the query itself is the point or there is none."""
+        return None
 
     def query_parts(self, model: nn.Module) -> int:
         """How many independent embeddings one query concatenates (statistics for :meth:`sample_queries`)."""
@@ -233,6 +242,9 @@ class _DeformableOps(_Ops):
         if model.config.two_stage:  # the proposals (pre-sigmoid boxes) the model selected, [N, Q, 4]
             return torch.logit(kw["reference_points"]).detach()
         return super().used_queries(model, kw)
+
+    def used_reference_points(self, model: nn.Module, kw: dict[str, Any]) -> Tensor | None:
+        return None if model.config.two_stage else kw["reference_points"].detach()  # [N, Q, 2] from its own head
 
     def query_kwargs(self, model: nn.Module, kw: dict[str, Any], q: Tensor) -> dict[str, Any]:
         inner, d = model.model, model.config.d_model
@@ -428,6 +440,7 @@ class DetrDetector(Detector):
             "logits": logits,
             "boxes": boxes,
             "queries": self.ops.used_queries(self.model, kw),
+            "reference_points": self.ops.used_reference_points(self.model, kw),
             "memory": kw["encoder_hidden_states"],
             "memory_mask": kw[mask_key],
             "decoder_kwargs": kw,
@@ -467,22 +480,47 @@ class DetrDetector(Detector):
         """
         return self.decode_groups(taps, [queries])[0]
 
-    def decode_groups(self, taps: dict[str, Any], groups: list[Tensor]) -> list[dict[str, Tensor]]:
+    def decode_groups(
+        self, taps: dict[str, Any], groups: list[Tensor], reference_points: list[Tensor | None] | None = None
+    ) -> list[dict[str, Tensor]]:
         """:meth:`decode` several query groups at once; groups never attend to each other.
 
         Groups of equal size are folded into the batch dimension (one decoder call); others run one by one.
+        reference_points (Deformable "embed2" only): per group None (the model's own ``reference_points`` head on
+        the query's position part) or the [G, 2] / [N, G, 2] normalised points to decode the group at, e.g. another
+        model's ``taps["reference_points"]`` for its own queries (KD-DETR's specific points).
         """
         self.ops.check_decodable(self.model)
         kw = taps["decoder_kwargs"]
         n = kw["encoder_hidden_states"].shape[0]
         qs = [self._batched_queries(q, n, kw["encoder_hidden_states"]) for q in groups]
+        refs = self._batched_reference_points(reference_points, qs)
         if len(qs) > 1 and len({q.shape[1] for q in qs}) == 1:
             k = len(qs)
             folded = {key: self._repeat(key, v, k) for key, v in kw.items()}
-            logits, boxes = self._decode_once(folded, torch.cat(qs, dim=0))
+            logits, boxes = self._decode_once(folded, torch.cat(qs, dim=0), refs)
             return [{"logits": logits[:, i * n : (i + 1) * n], "boxes": boxes[:, i * n : (i + 1) * n]} for i in range(k)]
-        outs = [self._decode_once(kw, q) for q in qs]
+        outs = [self._decode_once(kw, q, [r]) for q, r in zip(qs, refs, strict=True)]
         return [{"logits": lg, "boxes": bx} for lg, bx in outs]
+
+    def _batched_reference_points(self, refs: list[Tensor | None] | None, qs: list[Tensor]) -> list[Tensor | None]:
+        """Per group None or [G, c] / [N, G, c] points -> None or [N, G, c] in the queries' device and dtype."""
+        if refs is None or all(r is None for r in refs):
+            return [None] * len(qs)
+        if len(refs) != len(qs) or self.query_kind != "embed2":
+            raise KdctlError(f"reference points can be given for the embed2 queries of Deformable DETR only, one entry "
+                             f"per group; got {len(refs)} for {len(qs)} groups of a {self.architecture} "
+                             f"({self.query_kind} queries)")
+        out: list[Tensor | None] = []
+        for r, q in zip(refs, qs, strict=True):
+            if r is not None:
+                r = r.to(device=q.device, dtype=q.dtype)
+                r = r.unsqueeze(0).expand(q.shape[0], -1, -1) if r.dim() == 2 else r
+                if r.shape[:2] != q.shape[:2] or r.shape[-1] != 2:
+                    raise KdctlError(f"reference points of shape {tuple(r.shape)} do not fit queries of shape "
+                                     f"{tuple(q.shape)} (expected [{q.shape[0]}, {q.shape[1]}, 2])")
+            out.append(r)
+        return out
 
     def _batched_queries(self, q: Tensor, n: int, like: Tensor) -> Tensor:
         """[G, D] or [N, G, D] -> [N, G, D] on the memory's device and dtype."""
@@ -499,8 +537,12 @@ class DetrDetector(Detector):
             return value.repeat(k, *([1] * (value.dim() - 1)))
         return value
 
-    def _decode_once(self, kw: dict[str, Any], q: Tensor) -> tuple[Tensor, Tensor]:
+    def _decode_once(self, kw: dict[str, Any], q: Tensor, refs: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """q: the groups [k * N, G, D] folded into the batch; refs: per group None (own points) or [N, G, 2]."""
         call = {**kw, **self.ops.query_kwargs(self.model, kw, q)}
+        if any(r is not None for r in refs):
+            own = call["reference_points"].chunk(len(refs))
+            call["reference_points"] = torch.cat([o if r is None else r for o, r in zip(own, refs, strict=True)])
         out = self.model.model.decoder(**call)
         return self.ops.heads(self.model, out, call)
 
@@ -838,14 +880,16 @@ def restore_backbone_activations(model: nn.Module) -> int:
     family (MobileNet-V2/V3, EfficientNet, ...) uses ``BatchNormAct2d``, a BatchNorm that also applies the block's
     activation, so after the swap those backbones have no non-linearity left (ResNets, with separate activation
     modules, are unaffected). kdctl re-attaches each lost activation as a forward hook on the replacement norm:
-    the state dict is unchanged (a kdctl checkpoint still loads in plain transformers, which then computes the
-    broken network), and the backbone computes what timm's network computes.
+    the state dict is unchanged, and the backbone computes what timm's network computes. Plain transformers
+    loading a kdctl checkpoint computes the network without them; ``kdctl export`` therefore writes such models
+    with ``freeze_batch_norm_2d`` (:func:`stock_transformers_model`), whose ``FrozenBatchNormAct2d`` norms keep
+    their activation and get no hook here.
     """
     bcfg = getattr(model.config, "backbone_config", None)
     if getattr(bcfg, "model_type", None) != "timm_backbone":
         return 0
     import timm
-    from timm.layers import BatchNormAct2d
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 
     net = backbone_module(model)
     with torch.device("meta"):  # the reference layout only: no weights allocated, nothing downloaded
@@ -857,8 +901,8 @@ def restore_backbone_activations(model: nn.Module) -> int:
         if not isinstance(module, BatchNormAct2d) or isinstance(module.act, nn.Identity):
             continue
         target = net.get_submodule(name)
-        if isinstance(target, BatchNormAct2d) or getattr(target, "_kdctl_activation", False):
-            continue
+        if isinstance(target, (BatchNormAct2d, FrozenBatchNormAct2d)) or getattr(target, "_kdctl_activation", 0):
+            continue  # the norm applies the activation itself (FrozenBatchNormAct2d: an export, freeze_batch_norm_2d)
         if any(True for _ in module.act.parameters()):
             raise KdctlError(f"timm backbone {bcfg.backbone!r}: activation {type(module.act).__name__} with "
                              "parameters in a BatchNormAct2d is not supported")
@@ -869,6 +913,43 @@ def restore_backbone_activations(model: nn.Module) -> int:
         target._kdctl_activation = True
         count += 1
     return count
+
+
+
+def has_restored_activations(model: nn.Module) -> bool:
+    """Whether :func:`restore_backbone_activations` hooked activations into this model's backbone (which plain
+    transformers, building the model from its config, would then lack)."""
+    bcfg = getattr(model.config, "backbone_config", None)
+    if getattr(bcfg, "model_type", None) != "timm_backbone":
+        return False
+    return any(getattr(m, "_kdctl_activation", False) for m in backbone_module(model).modules())
+
+
+def stock_transformers_model(model: nn.Module) -> nn.Module:
+    """The model as plain transformers must build it to compute what kdctl computes (for export).
+
+    A timm backbone with restored activations (:func:`restore_backbone_activations`) is rebuilt with the timm
+    backbone config option ``freeze_batch_norm_2d = True``: ``TimmBackbone`` then turns each ``BatchNormAct2d``
+    into timm's ``FrozenBatchNormAct2d``, which keeps the activation and which the DETR classes do not replace
+    (they only swap ``nn.BatchNorm2d``). The weights are copied (``num_batches_tracked`` counters dropped: frozen
+    norms have none); the rebuilt model is in eval mode on the CPU in float32. Any other model is returned as is.
+    """
+    if not has_restored_activations(model):
+        return model
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.backbone_config.freeze_batch_norm_2d = True
+    config.use_pretrained_backbone = False
+    with _quiet_transformers():
+        stock = type(model)(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = stock.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise KdctlError(f"cannot rebuild the {type(model).__name__} for transformers with frozen timm norms "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return stock.float().cpu().eval()
 
 
 def load_backbone_file(model: nn.Module, path: Path, where: str) -> None:

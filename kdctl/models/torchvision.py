@@ -566,9 +566,15 @@ def _resolve_preset_config(arch: str, config: dict[str, Any], pretrained: bool, 
         raise KdctlError(f"{spec}: norm = 'gn' cannot take ImageNet BatchNorm weights; use 'frozen_bn' or 'bn'")
     out["norm"] = norm
     width = float(out.get("width_mult", 1.0))
-    if width != 1.0 and (out["backbone"] != "mobilenet_v2" or pretrained):
-        raise KdctlError(f"{spec}: width_mult applies to mobilenet_v2 trained from scratch only "
-                         "(ImageNet weights exist for width 1.0)")
+    if width != 1.0 and out["backbone"] != "mobilenet_v2":
+        raise KdctlError(f"{spec}: width_mult applies to the mobilenet_v2 backbone only")
+    if width != 1.0 and pretrained:
+        if config.get("backbone_weights"):
+            raise KdctlError(f"{spec}: --backbone-weights cannot load into mobilenet_v2 at width_mult {width:g} "
+                             "(ImageNet weights exist for width 1.0 only)")
+        # train / distill catch this, say it in one line and build the backbone from scratch
+        raise BackboneWeightsUnavailable(f"{spec}: there are no ImageNet weights for mobilenet_v2 at width_mult "
+                                         f"{width:g}; pass --no-pretrained-backbone")
     layers = int(out.get("trainable_layers", 3)) if pretrained else 5  # from scratch: train everything
     if not 0 <= layers <= 5:
         raise KdctlError(f"{spec}: trainable_layers must be in 0..5, got {layers}")
