@@ -271,8 +271,8 @@ def as_stock_transformers(det: Detector, res: ExportResult) -> None:
 
 def _detr_kdctl_config(det: Detector, out: Path) -> None:
     """Replace the image processor config by kdctl.json (kept only when the normalisation is not ImageNet's)."""
-    from kdctl.models.base import write_kdctl_config
     from kdctl.models.detr import IMAGENET_MEAN, IMAGENET_STD
+    from kdctl.models.weights import write_kdctl_config
 
     write_kdctl_config(out, {
         "format": "kdctl", "version": 1, "family": det.family, "architecture": det.architecture,

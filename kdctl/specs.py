@@ -134,7 +134,7 @@ def _resolve_torchvision(spec: str) -> Resolved:
 
 
 def _resolve_path(spec: str, path: Path, hub_id: str | None = None) -> Resolved:
-    from kdctl.models.base import KDCTL_CONFIG, read_kdctl_config
+    from kdctl.models.weights import KDCTL_CONFIG, read_kdctl_config
 
     if path.is_file():
         if path.name in (KDCTL_CONFIG, "config.json") or path.suffix == ".safetensors":

@@ -14,7 +14,6 @@ A Detector wraps the family's own ``nn.Module`` (``self.model``) and speaks kdct
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,6 @@ from torch import Tensor, nn
 
 from kdctl.data.batch import Batch
 from kdctl.errors import KdctlError
-
-KDCTL_CONFIG = "kdctl.json"
-"""Name of the small JSON file that kdctl writes next to the weights of a model it saves."""
 
 
 @dataclass
@@ -276,56 +272,3 @@ def map_classes(dataset_names: list[str], label_names: list[str], label_map: dic
     if len(set(out)) != len(out):
         raise KdctlError("two dataset classes map to the same model label; check --label-map")
     return out
-
-
-def read_kdctl_config(directory: Path) -> dict[str, Any]:
-    """Read ``kdctl.json`` from a kdctl model directory (one clear error when it is unreadable)."""
-    path = Path(directory) / KDCTL_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise KdctlError(f"{directory}: no {KDCTL_CONFIG} (not a kdctl model directory)") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdctlError(f"{path}: corrupt kdctl config ({e.__class__.__name__}: {e})") from e
-    if not isinstance(cfg, dict) or "family" not in cfg or "label_names" not in cfg:
-        raise KdctlError(f"{path}: kdctl config lacks 'family' or 'label_names'")
-    return cfg
-
-
-def write_kdctl_config(directory: Path, cfg: dict[str, Any]) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / KDCTL_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def load_safetensors_state(path: Path, device: str = "cpu") -> dict[str, Tensor]:
-    """Load a safetensors file; a corrupt or truncated file is one clear KdctlError."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=device)
-    except FileNotFoundError as e:
-        raise KdctlError(f"{path}: weights file not found") from e
-    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt files
-        raise KdctlError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
-
-
-def load_state_strict(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    """``load_state_dict(strict=True)`` whose mismatch is a KdctlError naming a few keys."""
-    missing, unexpected = [], []
-    own = module.state_dict()
-    for k in own:
-        if k not in state:
-            missing.append(k)
-    for k in state:
-        if k not in own:
-            unexpected.append(k)
-    if missing or unexpected:
-        raise KdctlError(
-            f"{where}: weights do not match the architecture (missing {len(missing)}: {missing[:3]}, "
-            f"unexpected {len(unexpected)}: {unexpected[:3]})"
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise KdctlError(f"{where}: weight shapes do not match the architecture ({len(bad)} tensors, e.g. {bad[0]})")
-    module.load_state_dict(state, strict=True)

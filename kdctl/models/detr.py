@@ -960,9 +960,9 @@ def load_backbone_file(model: nn.Module, path: Path, where: str) -> None:
     to timm's in definition order, tensor by tensor, and every shape must agree (a classifier's head, absent from a
     features-only backbone, is ignored). Read with safetensors or ``torch.load(weights_only=True)``.
     """
-    from kdctl.models.torchvision import _read_state_file
+    from kdctl.models.weights import read_state_file
 
-    state = _read_state_file(path)
+    state = read_state_file(path)
     target = backbone_module(model)
     own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
     if not set(own) <= set(state):  # not timm names: map torchvision's, in order

@@ -45,12 +45,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from kdctl.data.batch import Batch
 from kdctl.errors import BackboneWeightsUnavailable, KdctlError
-from kdctl.models.base import (
+from kdctl.models.base import Detector, TrainOutput
+from kdctl.models.weights import (
     KDCTL_CONFIG,
-    Detector,
-    TrainOutput,
     load_safetensors_state,
     load_state_strict,
+    read_state_file,
     write_kdctl_config,
 )
 
@@ -339,7 +339,7 @@ def _load_torchvision_file(
 ) -> TorchvisionDetector:
     """``torchvision:NAME:/file.pth``: build without weights, then load the file strictly."""
     name = r.architecture
-    state = _read_state_file(path)
+    state = read_state_file(path)
     names = list(label_names) if label_names else _coco_names(name)
     config = {"num_classes": len(names) + 1, **overrides}
     model = _call_builder(name, None, config)
@@ -439,24 +439,6 @@ def _weights_error(name: str, member: Any, e: Exception) -> KdctlError:
 def _line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{e.__class__.__name__}: {text[0][:200]}" if text else e.__class__.__name__
-
-
-def _read_state_file(path: Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save`` file (weights_only; {"model": sd} unwrapped)."""
-    if not path.is_file():
-        raise KdctlError(f"{path}: weights file not found")
-    if path.suffix.lower() == ".safetensors":
-        return load_safetensors_state(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KdctlError(f"{path}: corrupt or unsafe weights file, not a plain state dict ({_line(e)})") from e
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise KdctlError(f"{path}: not a state dict (expected a dict of tensors)")
-    return obj
 
 
 def _load_adapted(model: nn.Module, state: dict[str, Tensor], where: str, hint: str = "") -> None:
@@ -727,7 +709,7 @@ def _imagenet_weights(name: str) -> Any:
 def _load_backbone_weights(body: nn.Module, name: str, path: str | None, spec: str) -> None:
     """ImageNet weights into the body: a local file (``backbone_weights``) or the torchvision download."""
     if path:
-        state = _read_state_file(Path(path).expanduser())
+        state = read_state_file(Path(path).expanduser())
         where = path
     else:
         member = _imagenet_weights(name)
