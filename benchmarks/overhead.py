@@ -147,7 +147,8 @@ def build(method: str, args: argparse.Namespace, device: str, need: tuple[str, .
 
     from kdctl.distill.base import distiller_class
     from kdctl.engine.config import effective_lr
-    from kdctl.engine.trainer import Objective, amp_dtype, teacher_amp_dtype, to_channels_last, use_channels_last
+    from kdctl.engine.objective import Objective
+    from kdctl.engine.precision import amp_dtype, teacher_amp_dtype, to_channels_last, use_channels_last
     from kdctl.specs import load_detector
 
     t_spec, s_spec, t_over, s_over = (SMALL_PAIRS if args.small else PAIRS)[method]
@@ -195,9 +196,9 @@ def build(method: str, args: argparse.Namespace, device: str, need: tuple[str, .
 
 
 def make_optimizer(student, distiller, cfg, lr: float):
-    """The Trainer's optimiser (:func:`kdctl.engine.trainer.build_optimizer`: its parameter groups, fused kernels),
+    """The Trainer's optimiser (:func:`kdctl.engine.optim.build_optimizer`: its parameter groups, fused kernels),
     at the lr of the first warm-up step."""
-    from kdctl.engine.trainer import build_optimizer
+    from kdctl.engine.optim import build_optimizer
 
     o = cfg.optim
     lr = lr * float(o.get("warmup_factor", 1.0)) if int(o.get("warmup_steps", 0)) > 0 else lr

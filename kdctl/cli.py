@@ -57,7 +57,7 @@ def inspect(
     ] = False,
 ) -> None:
     """Show a model's family, class, size, labels, input size and the KD methods it can take part in."""
-    from kdctl.commands import inspect_model
+    from kdctl.commands.inspect import inspect_model
 
     inspect_model(spec, as_json=json_out, trust_remote_code=trust_remote_code)
 
@@ -89,7 +89,7 @@ def eval_(
         "--channels-last/--no-channels-last", help="Channels-last (NHWC) convolutions.")] = True,
 ) -> None:
     """COCO bbox mAP of a model on a dataset split, or of an existing results file (--predictions)."""
-    from kdctl.commands import eval_model, eval_predictions
+    from kdctl.commands.evaluate import eval_model, eval_predictions
 
     if predictions is not None or annotations is not None:
         if predictions is None or annotations is None:
@@ -161,7 +161,7 @@ Trust = Annotated[bool, Opt(help="Allow transformers checkpoints that ship their
 
 
 def _run(task: str, opts: dict) -> None:
-    from kdctl.commands import run_training
+    from kdctl.commands.train import run_training
 
     run_training(task, opts)
 
@@ -208,7 +208,7 @@ def quickstart(
     quiet: Quiet = False,
 ) -> None:
     """Generate a synthetic dataset, train a teacher and a student, distil the student, compare the three APs."""
-    from kdctl.quickstart import quickstart as run
+    from kdctl.commands.quickstart import quickstart as run
 
     run(output, device=device, quiet=quiet)
 
@@ -229,7 +229,7 @@ def export(
 
     ONNX: DETR / Conditional / DAB-DETR (dynamic batch and size), Deformable DETR (dynamic batch, fixed size),
     Faster R-CNN / RetinaNet / FCOS (one image per run, dynamic size)."""
-    from kdctl.export import export_command
+    from kdctl.commands.export import export_command
 
     export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force,
                    trust_remote_code=trust_remote_code)
@@ -248,7 +248,7 @@ def push_to_hub(
     force: Annotated[bool, Opt("--force", help="Write into a non-empty --dry-run directory.")] = False,
 ) -> None:
     """Upload a student (transformers dir for DETRs, kdctl dir for CNNs) with a model card built from the run."""
-    from kdctl.hub import push_command
+    from kdctl.commands.export import push_command
 
     push_command(model, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
                  dry_run=dry_run, force=force)
@@ -262,7 +262,7 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
 ) -> None:
     """Write a deterministic synthetic COCO dataset of coloured shapes (train/val/test)."""
-    from kdctl.commands import synth_data
+    from kdctl.commands.data import synth_data
 
     synth_data(out, images=images, seed=seed)
 
@@ -278,7 +278,7 @@ def data_check(
 
     Every image file is opened: unreadable or truncated files, and sizes that differ from the annotation's
     width/height (with the EXIF orientation applied where that makes them match), are fatal."""
-    from kdctl.commands import check_data
+    from kdctl.commands.data import check_data
 
     check_data(data, split=split, deep=deep)
 

@@ -13,8 +13,8 @@
 
 ONNX graphs (:data:`ONNX_SUPPORT`):
 
-* DETR, Conditional DETR, DAB-DETR: ``pixel_values`` [N, 3, H, W] float32 NORMALISED ((x - mean) / std, zero on
-  padding) and ``pixel_mask`` [N, H, W] int64 (1 = valid pixel); N, H and W dynamic. Outputs the model's raw
+* DETR, Table Transformer, Conditional DETR, DAB-DETR: ``pixel_values`` [N, 3, H, W] float32 NORMALISED
+  ((x - mean) / std, zero on padding) and ``pixel_mask`` [N, H, W] int64 (1 = valid pixel); N, H and W dynamic. Outputs the model's raw
   ``logits`` [N, Q, C'] and ``pred_boxes`` [N, Q, 4] (normalised cx, cy, w, h relative to the valid region).
 * Deformable DETR (plain, box refine, two-stage): the same, but H and W are fixed to the traced size (``--imgsz``;
   the graph is wrong at other sizes); N stays dynamic.
@@ -25,7 +25,8 @@ ONNX graphs (:data:`ONNX_SUPPORT`):
 
 DETRs with a timm backbone built of ``BatchNormAct2d`` (the MobileNet-V2 presets) are written with the timm
 backbone option ``freeze_batch_norm_2d``: stock transformers then keeps the activations that kdctl restores with
-hooks, and computes kdctl's network (checked on an example batch at export, :func:`as_stock_transformers`).
+hooks, and computes kdctl's network (checked on an example batch at export,
+:func:`kdctl.models.detr.onnx.as_stock_transformers`).
 
 The exported weights are the student's own (``Detector.save``): a run directory's ``best/`` (else ``last/``)
 checkpoint never contains distiller modules or the teacher, and ``trainer.pt`` is never copied.
@@ -37,7 +38,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,32 +45,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdctl.errors import KdctlError
+from kdctl.models.cnn import ARCHITECTURES as CNN_ARCHITECTURES
+from kdctl.models.cnn.onnx import MAX_DETECTIONS as CNN_MAX_DETECTIONS
+from kdctl.models.cnn.onnx import SCORE_THRESHOLD as CNN_SCORE_THRESHOLD
+from kdctl.models.cnn.onnx import export_onnx as export_cnn_onnx
+from kdctl.models.cnn.onnx import reference_outputs as cnn_reference_outputs
+from kdctl.models.detr import onnx as detr_onnx
+from kdctl.models.onnx_common import ONNX_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdctl.models.base import Detector
 
 FORMATS = ("hf", "safetensors", "onnx")
-ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
 ONNX_TOLERANCE = 1e-4  # fp32 max abs diff of the DETR raw outputs (measured ~1e-7)
-HF_TOLERANCE = 1e-4  # fp32 max abs diff, kdctl vs the exported transformers model (measured 0)
-CNN_SCORE_THRESHOLD = 0.001
-CNN_MAX_DETECTIONS = 100
 CNN_SCORE_TOLERANCE = 1e-4  # fp32 scores of the two runtimes (measured ~1e-7)
 CNN_BOX_RTOL = 1e-4  # fp32 box coordinates, relative to the longer image side (measured ~1e-5: 5e-3 px at 640)
 
-# architecture (DETR class name, or torchvision / kdctl builder prefix) -> ONNX shape support
+# torchvision / kdctl builder prefix -> ONNX shape support; the CNNs' is declared with each architecture
+# (kdctl.models.cnn.architectures), the DETRs' with each variant (kdctl.models.detr.variants, onnx_kind)
 ONNX_SUPPORT: dict[str, str] = {
-    "DetrForObjectDetection": "dynamic",  # batch, height, width dynamic
-    "ConditionalDetrForObjectDetection": "dynamic",
-    "DabDetrForObjectDetection": "dynamic",
-    "DeformableDetrForObjectDetection": "fixed-size",  # batch dynamic, height/width = the traced size
-    "fasterrcnn": "one-image",  # batch 1, height/width dynamic, post-processed detections
-    "retinanet": "one-image",
-    "fcos": "one-image",
+    **{name: a.onnx for name, a in CNN_ARCHITECTURES.items() if a.onnx},  # "one-image": batch 1, post-processed
 }
 
 
@@ -130,21 +128,6 @@ def export_model(
     return res
 
 
-def export_command(model: str, fmt: str, output: Path, *, half: bool = False, opset: int = 17,
-                   imgsz: int | None = None, force: bool = False, trust_remote_code: bool = False) -> ExportResult:
-    """``kdctl export``: export, then print the files, the ONNX parity and what the graph takes and gives."""
-    from kdctl.commands import console
-
-    res = export_model(model, fmt, output, half=half, opset=opset, imgsz=imgsz, force=force,
-                       trust_remote_code=trust_remote_code)
-    c = console()
-    c.print(f"exported {res.architecture} ({res.family}) as {res.format} to {res.output}: {', '.join(res.files)}",
-            soft_wrap=True)
-    for note in res.notes:
-        c.print(f"  {note}", soft_wrap=True)
-    return res
-
-
 def load_for_export(model: str, *, trust_remote_code: bool = False) -> Detector:
     """The student only, in eval mode, fp32, on the CPU (a run dir resolves to ``best/``, else ``last/``)."""
     from kdctl.specs import load_detector
@@ -183,7 +166,7 @@ def writing_into(out: Path) -> Iterator[Path]:
     block added to an existing ``out``), and a write error (read-only file system, disk full, a file in the way) is
     one KdctlError line naming the path and the cause.
     """
-    from kdctl.engine.checkpoint import write_error
+    from kdctl.io import write_error
 
     top = out
     while not top.parent.exists() and top.parent != top.parent.parent:
@@ -214,7 +197,7 @@ def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
     """DETR: transformers directory; CNN: kdctl directory (no transformers class exists for it)."""
     res = ExportResult("hf", out, det.family, det.architecture)
     if det.family == "detr":
-        as_stock_transformers(det, res)
+        res.notes += [n for n in [detr_onnx.as_stock_transformers(det)] if n]
     if half:
         det.half()
     det.save(out)
@@ -233,62 +216,22 @@ def export_safetensors(det: Detector, out: Path, *, half: bool = False) -> Expor
     """``model.safetensors`` + ``kdctl.json`` (+ the transformers ``config.json`` for DETRs)."""
     res = ExportResult("safetensors", out, det.family, det.architecture)
     if det.family == "detr":
-        as_stock_transformers(det, res)
+        res.notes += [n for n in [detr_onnx.as_stock_transformers(det)] if n]
     if half:
         det.half()
     det.save(out)
     if det.family == "detr":
-        _detr_kdctl_config(det, out)
+        detr_onnx.save_kdctl_config(det, out)
     res.notes.append("weights + config; load with kdctl.load(DIR)" + (" (float16 weights)" if half else ""))
     return res
-
-
-def as_stock_transformers(det: Detector, res: ExportResult) -> None:
-    """Make ``det.model`` the network plain transformers builds from the exported ``config.json``.
-
-    A timm backbone whose activations kdctl restores with hooks (MobileNet-V2 and the rest of timm's EfficientNet
-    family) is rebuilt with the timm backbone option ``freeze_batch_norm_2d``
-    (:func:`kdctl.models.detr.stock_transformers_model`), whose frozen norms keep their activation in stock
-    transformers. The rebuilt model is checked against kdctl's on a fixed example batch (max abs diff of the raw
-    logits and boxes within :data:`HF_TOLERANCE`), else one KdctlError line naming the formats that work.
-    """
-    from kdctl.models.detr import stock_transformers_model
-
-    stock = stock_transformers_model(det.model)
-    if stock is det.model:
-        return
-    feeds = _detr_example(det, 64, torch.float32)
-    with torch.no_grad():
-        ours, theirs = DetrOnnx(det.model.eval())(**feeds), DetrOnnx(stock)(**feeds)
-    diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
-    if not diff <= HF_TOLERANCE:
-        raise KdctlError(f"plain transformers cannot compute this {det.architecture}'s timm backbone as kdctl does "
-                         f"(max abs diff {diff:.2e}); use --format onnx or --format safetensors (kdctl.load)")
-    det.model = stock
-    res.notes.append(f"timm backbone norms saved with freeze_batch_norm_2d: transformers keeps their activations "
-                     f"and computes kdctl's network (logits and boxes max abs diff {diff:.1e} on a 2x3x64x64 batch)")
-
-
-def _detr_kdctl_config(det: Detector, out: Path) -> None:
-    """Replace the image processor config by kdctl.json (kept only when the normalisation is not ImageNet's)."""
-    from kdctl.models.detr import IMAGENET_MEAN, IMAGENET_STD
-    from kdctl.models.weights import write_kdctl_config
-
-    write_kdctl_config(out, {
-        "format": "kdctl", "version": 1, "family": det.family, "architecture": det.architecture,
-        "label_names": list(det.label_names), "imgsz": det.imgsz, "weights_file": "model.safetensors",
-        "image_mean": list(det.image_mean), "image_std": list(det.image_std),
-    })
-    default_norm = det.image_mean == tuple(IMAGENET_MEAN) and det.image_std == tuple(IMAGENET_STD)
-    proc = out / "preprocessor_config.json"
-    if default_norm and proc.is_file():
-        proc.unlink()
 
 
 # --------------------------------------------------------------------------- onnx
 def onnx_kind(det: Detector) -> str:
     """"dynamic" | "fixed-size" | "one-image" for a supported architecture; one KdctlError line otherwise."""
     arch = det.architecture
+    if det.family == "detr":
+        return detr_onnx.onnx_kind(det)
     for key, kind in ONNX_SUPPORT.items():
         if arch == key or (det.family == "cnn" and arch.startswith(key)):
             return kind
@@ -297,41 +240,17 @@ def onnx_kind(det: Detector) -> str:
                      "use --format hf or --format safetensors")
 
 
-class DetrOnnx(nn.Module):
-    """(pixel_values [N, 3, H, W], pixel_mask [N, H, W]) -> (logits [N, Q, C'], pred_boxes [N, Q, 4])."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        return out.logits, out.pred_boxes
-
-
-class CnnOnnx(nn.Module):
-    """images [1, 3, H, W] 0-1 -> boxes [D, 4] xyxy, scores [D], labels [D] (indices into label_names)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        det = self.model([images[0]])[0]
-        return det["boxes"], det["scores"], det["labels"] - 1
-
-
 def export_onnx(det: Detector, out: Path, *, half: bool = False, opset: int = 17, imgsz: int | None = None,
                 check: bool = True) -> ExportResult:
     """Trace ``det`` to ``out/model.onnx``, write ``out/model.onnx.json`` and check the graph in onnxruntime."""
-    kind = onnx_kind(det)
+    onnx_kind(det)  # one line for an unsupported architecture, before tracing
     size = int(imgsz or det.imgsz)
     res = ExportResult("onnx", out, det.family, det.architecture)
     _refuse_half_onnx(half)
     if det.family == "detr":
-        meta, feeds = _export_detr(det, out / ONNX_FILE, kind, size, opset)
+        meta, feeds = detr_onnx.export_onnx(det, out / ONNX_FILE, size, opset)
     else:
-        meta, feeds = _export_cnn(det, out / ONNX_FILE, size, opset)
+        meta, feeds = export_cnn_onnx(det, out / ONNX_FILE, size, opset)
     if check:
         meta["parity"] = onnx_parity(det, out / ONNX_FILE, feeds, meta["outputs"])
     (out / ONNX_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -345,116 +264,6 @@ def _refuse_half_onnx(half: bool) -> None:
     if half:
         raise KdctlError("fp16 ONNX export is not supported yet (CPU tracing gives mixed-precision graphs); export "
                          "fp32 and convert the graph, e.g. with onnxconverter-common's float16 converter")
-
-
-def _export_detr(det: Detector, path: Path, kind: str, size: int, opset: int
-                 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Legacy-trace a DETR with a batch of 2 (the second image's right quarter padded) and describe the graph."""
-    dtype = torch.float32
-    feeds = _detr_example(det, size, dtype)
-    wrapper = DetrOnnx(det.model).eval()
-    spatial = kind == "dynamic"
-    axes = {
-        "pixel_values": {0: "batch", **({2: "height", 3: "width"} if spatial else {})},
-        "pixel_mask": {0: "batch", **({1: "height", 2: "width"} if spatial else {})},
-        "logits": {0: "batch"},
-        "pred_boxes": {0: "batch"},
-    }
-    _trace(wrapper, tuple(feeds.values()), path, list(feeds), ["logits", "pred_boxes"], axes, opset)
-    hw: list[Any] = ["height", "width"] if spatial else [size, size]
-    softmax = det.logit_kind == "softmax"
-    classes = det.num_classes + (1 if softmax else 0)
-    meta = _meta_common(det, kind, size, opset)
-    meta.update(
-        inputs=[
-            {"name": "pixel_values", "dtype": str(dtype).removeprefix("torch."), "shape": ["batch", 3, *hw],
-             "description": "RGB in [0, 1], resized so the longer side is imgsz, then (x - image_mean) / image_std; "
-                            "0 on padding"},
-            {"name": "pixel_mask", "dtype": "int64", "shape": ["batch", *hw],
-             "description": "1 on valid pixels, 0 on padding (all ones for an unpadded image)"},
-        ],
-        outputs=[
-            {"name": "logits", "shape": ["batch", det.num_queries, classes],
-             "description": ("class logits; scores = softmax over the last axis without the last (no-object) class"
-                             if softmax else "class logits; scores = sigmoid (top-k over queries x classes)")},
-            {"name": "pred_boxes", "shape": ["batch", det.num_queries, 4],
-             "description": "boxes (cx, cy, w, h) in [0, 1], relative to the valid (unpadded) image region"},
-        ],
-        normalization={"image_mean": list(det.image_mean), "image_std": list(det.image_std),
-                       "applied": "outside the graph, by the caller"},
-    )
-    return meta, feeds
-
-
-def _detr_example(det: Detector, size: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A deterministic batch of 2 normalised images [2, 3, size, size]; image 2 has its right quarter padded."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((2, 3, size, size), generator=g)
-    mask = torch.ones((2, size, size), dtype=torch.long)
-    mask[1, :, size - size // 4:] = 0
-    mean = torch.tensor(det.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(det.image_std).view(1, 3, 1, 1)
-    pixel_values = ((x - mean) / std) * mask[:, None]
-    return {"pixel_values": pixel_values.to(dtype), "pixel_mask": mask}
-
-
-def _export_cnn(det: Detector, path: Path, size: int, opset: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Legacy-trace a torchvision detector on one 0-1 image (pre- and post-processing inside the graph)."""
-    from kdctl.models.torchvision import _attributes, _no_background
-
-    g = torch.Generator().manual_seed(0)
-    h = max(64, (size * 3 // 4) // 32 * 32)  # a non-square example: both sides stay dynamic
-    feeds = {"images": torch.rand((1, 3, h, size), generator=g)}
-    axes = {"images": {2: "height", 3: "width"}, "boxes": {0: "detections"}, "scores": {0: "detections"},
-            "labels": {0: "detections"}}
-    owner = det._postprocess_owner()
-    with _attributes(owner, score_thresh=CNN_SCORE_THRESHOLD, detections_per_img=CNN_MAX_DETECTIONS), \
-            _no_background(det.model):
-        _trace(CnnOnnx(det.model).eval(), tuple(feeds.values()), path, list(feeds), ["boxes", "scores", "labels"],
-               axes, opset)
-    t = det.model.transform
-    meta = _meta_common(det, "one-image", size, opset)
-    meta.update(
-        inputs=[{"name": "images", "dtype": "float32", "shape": [1, 3, "height", "width"],
-                 "description": "ONE RGB image in [0, 1] (not normalised), resized so the longer side is imgsz; "
-                                "run the graph once per image"}],
-        outputs=[
-            {"name": "boxes", "shape": ["detections", 4], "description": "x0, y0, x1, y1 in pixels of the input"},
-            {"name": "scores", "shape": ["detections"], "description": "scores, descending"},
-            {"name": "labels", "shape": ["detections"], "description": "indices into label_names"},
-        ],
-        normalization={"image_mean": list(t.image_mean), "image_std": list(t.image_std),
-                       "applied": "inside the graph"},
-        score_threshold=CNN_SCORE_THRESHOLD,
-        max_detections=CNN_MAX_DETECTIONS,
-    )
-    return meta, feeds
-
-
-def _meta_common(det: Detector, kind: str, size: int, opset: int) -> dict[str, Any]:
-    shapes = {"dynamic": "batch, height and width dynamic",
-              "fixed-size": f"batch dynamic; height and width fixed at {size} (the graph is only valid there)",
-              "one-image": "one image per run; height and width dynamic"}
-    return {
-        "format": "onnx", "file": ONNX_FILE, "opset": opset, "exporter": "torch.onnx.export(dynamo=False)",
-        "family": det.family, "architecture": det.architecture, "dtype": "float32",
-        "shapes": shapes[kind], "imgsz": size, "label_names": list(det.label_names),
-    }
-
-
-def _trace(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
-           axes: dict[str, dict[int, str]], opset: int) -> None:
-    """``torch.onnx.export(dynamo=False)``; an exporter failure is one KdctlError line."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)
-        except OSError:
-            raise  # a write error: one line from writing_into
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise KdctlError(f"ONNX export failed ({e.__class__.__name__}: {first})") from e
 
 
 def _ort_session(path: Path):
@@ -487,13 +296,9 @@ def onnx_parity(det: Detector, path: Path, feeds: dict[str, Tensor], outputs: li
     got = run_onnx(path, feeds)
     with torch.no_grad():
         if det.family == "detr":
-            ref = DetrOnnx(det.model)(*feeds.values())
+            ref = detr_onnx.reference_outputs(det, feeds)
         else:
-            from kdctl.models.torchvision import _attributes, _no_background
-
-            with _attributes(det._postprocess_owner(), score_thresh=CNN_SCORE_THRESHOLD,
-                             detections_per_img=CNN_MAX_DETECTIONS), _no_background(det.model):
-                ref = CnnOnnx(det.model)(*feeds.values())
+            ref = cnn_reference_outputs(det, feeds)
     names = [o["name"] for o in outputs]
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     if det.family == "detr":
@@ -585,4 +390,4 @@ def _onnx_notes(meta: dict[str, Any]) -> list[str]:
     return notes
 
 
-__all__ = ["FORMATS", "ONNX_SUPPORT", "ExportResult", "export_command", "export_model"]
+__all__ = ["FORMATS", "ONNX_SUPPORT", "ExportResult", "export_model"]

@@ -32,7 +32,7 @@ def read_json(path: str | Path, what: str = "JSON", expect: type | None = dict) 
     except FileNotFoundError as e:
         raise KdctlError(f"{path}: not found") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdctlError(f"{path}: corrupt {what} ({e})") from e
+        raise KdctlError(f"{path}: not valid JSON, so not a {what} ({e})") from e
     except OSError as e:
         raise KdctlError(f"{path}: cannot read it ({e.strerror or first_line(e)})") from e
     if expect is not None and not isinstance(data, expect):

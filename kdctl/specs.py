@@ -18,44 +18,23 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdctl._compat import tomllib
 from kdctl.errors import KdctlError
+from kdctl.io import first_line
 from kdctl.models.registry import FAMILIES, HF_MODEL_TYPES, TORCHVISION_PREFIXES, import_string
+from kdctl.models.resolved import Resolved
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdctl.models.base import Detector
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[\w./-]+)?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+"""A Hugging Face Hub repository id, ``user/name`` (models and datasets)."""
+HUB_ID = re.compile(REPO_ID.pattern.removesuffix("$") + r"(@[\w./-]+)?$")
+"""A model spec naming a Hub repository, optionally at a revision: ``user/name[@revision]``."""
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.toml"]
-
-
-@dataclass
-class Resolved:
-    """A spec resolved to what must be built.
-
-    kind: "hf_dir" | "kdctl_dir" | "torchvision" | "preset" (hub ids resolve to one of the dir kinds).
-    family: "cnn" or "detr" (see :mod:`kdctl.models.registry`).
-    architecture: HF class name (``DetrForObjectDetection``), torchvision builder
-        (``fasterrcnn_resnet50_fpn``) or kdctl builder (``fasterrcnn``).
-    path: the local directory for dir kinds (a hub snapshot for hub ids).
-    weights: torchvision weights enum name or file, if any.
-    config: the preset's ``[config]`` table, or the kdctl.json contents.
-    """
-
-    spec: str
-    kind: str
-    family: str
-    architecture: str
-    path: Path | None = None
-    weights: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    imgsz: int | None = None
-    description: str = ""
-    hub_id: str | None = None
 
 
 # --------------------------------------------------------------------------- presets
@@ -201,7 +180,7 @@ def _download(spec: str) -> Path:
             "HF_HUB_OFFLINE=1); download it once online or pass a local directory"
         ) from e
     except Exception as e:  # network errors, HTTP errors
-        raise KdctlError(f"{repo_id}: download failed ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise KdctlError(f"{repo_id}: download failed ({first_line(e)})") from e
     p = Path(local)
     if not (p / "config.json").is_file() and not (p / "kdctl.json").is_file():
         raise KdctlError(f"{repo_id}: the repository has no config.json or kdctl.json (not a detector checkpoint)")

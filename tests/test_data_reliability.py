@@ -213,7 +213,7 @@ def test_cli_prints_a_worker_error_as_its_own_line(tmp_path, capsys, monkeypatch
     def fail(*a, **k):
         raise e.value
 
-    monkeypatch.setattr("kdctl.commands.check_data", fail)
+    monkeypatch.setattr("kdctl.commands.data.check_data", fail)
     code, out = run_cli(["data", "check", str(tmp_path)], capsys)
     assert code == 2 and out == "error: x.png: cannot read image (decoder says no)\n"
 

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
+from kdctl.distill.kd_detr import sample_queries  # noqa: E402
 from kdctl.errors import KdctlError  # noqa: E402
 from kdctl.specs import load_detector  # noqa: E402
 
@@ -31,6 +32,9 @@ COMMON = dict(
 CASES = {  # name -> (transformers class, config class, config kwargs)
     "detr": ("DetrForObjectDetection", "DetrConfig", {"d_model": 32}),
     "detr-noaux": ("DetrForObjectDetection", "DetrConfig", {"d_model": 32, "auxiliary_loss": False}),
+    "table": ("TableTransformerForObjectDetection", "TableTransformerConfig", {"d_model": 32}),
+    "table-noaux": ("TableTransformerForObjectDetection", "TableTransformerConfig",
+                    {"d_model": 32, "auxiliary_loss": False}),  # as microsoft/table-transformer-detection
     "conditional": ("ConditionalDetrForObjectDetection", "ConditionalDetrConfig", {"d_model": 32}),
     "dab": ("DabDetrForObjectDetection", "DabDetrConfig", {"hidden_size": 32}),
     "deformable": ("DeformableDetrForObjectDetection", "DeformableDetrConfig", {"d_model": 32}),
@@ -121,6 +125,7 @@ def test_query_formats(tiny_dirs):
     dets = {case: load_case(tiny_dirs, case) for case in CASES}
     kinds = {case: (det.query_kind, det.query_dim) for case, det in dets.items()}
     assert kinds["detr"] == ("embed", 32) and kinds["conditional"] == ("embed", 32)
+    assert kinds["table"] == ("embed", 32) and dets["table"].logit_kind == "softmax"
     assert kinds["dab"] == ("anchor4", 4) and kinds["deformable-2stage"] == ("anchor4", 4)
     assert kinds["deformable"] == ("embed2", 64)
     assert dets["detr"].logit_kind == "softmax" and dets["dab"].logit_kind == "sigmoid"
@@ -141,7 +146,8 @@ def hand_made_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, list[dic
     return pixels, mask, labels
 
 
-@pytest.mark.parametrize("case", ["detr", "detr-noaux", "conditional", "dab", "deformable-refine", "deformable-2stage"])
+@pytest.mark.parametrize("case", ["detr", "detr-noaux", "table", "table-noaux", "conditional", "dab",
+                                  "deformable-refine", "deformable-2stage"])
 def test_losses_sum_to_model_loss(tiny_dirs, case):
     det = load_case(tiny_dirs, case)
     det.train()
@@ -157,6 +163,15 @@ def test_losses_sum_to_model_loss(tiny_dirs, case):
     assert torch.isfinite(total) and total.requires_grad
     assert torch.allclose(total.detach(), plain.loss, rtol=1e-5, atol=1e-5)
     assert out.taps["logits"].shape[:2] == (2, 2)
+
+
+def test_unknown_loss_terms_are_refused(tiny_dirs, monkeypatch):
+    """A loss term transformers optimises that the variant does not weight is an error, never silently dropped."""
+    det = load_case(tiny_dirs, "detr")
+    det.train()
+    monkeypatch.setattr(det.variant, "loss_weights", lambda model: {"loss_ce": 1.0, "loss_bbox": 5.0})
+    with pytest.raises(KdctlError, match="unknown loss term 'loss_giou'"):
+        det.forward_train(make_batch())
 
 
 # --------------------------------------------------------------------------- 3. query groups
@@ -175,7 +190,7 @@ def test_query_groups_do_not_interact(tiny_dirs, case):
     det = load_case(tiny_dirs, case)
     sensitise(det)
     g = torch.Generator().manual_seed(0)
-    qa, qb = (det.sample_queries(6, generator=g) for _ in range(2))
+    qa, qb = (sample_queries(det, 6, generator=g) for _ in range(2))
     qb2 = qb + 2 * torch.randn(qb.shape, generator=g)  # a very different group B
     with torch.no_grad():
         taps = det.forward_taps(make_batch())
@@ -216,16 +231,16 @@ def rounding_level(det, taps: dict, q: torch.Tensor, ref: dict) -> float:
 
 def test_sample_queries(tiny_dirs):
     dab, detr, deform = (load_case(tiny_dirs, c) for c in ("dab", "detr", "deformable"))
-    a = dab.sample_queries(5000, generator=torch.Generator().manual_seed(0))
+    a = sample_queries(dab, 5000, generator=torch.Generator().manual_seed(0))
     assert a.shape == (5000, 4) and abs(a.mean()) < 0.05 and abs(a.std() - 1) < 0.05  # N(0, 1) anchors
-    b = dab.sample_queries(5000, generator=torch.Generator().manual_seed(0))
+    b = sample_queries(dab, 5000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    u = dab.sample_queries(5000, distribution="uniform").sigmoid()
+    u = sample_queries(dab, 5000, distribution="uniform").sigmoid()
     assert 0.0 < u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02  # uniform boxes after sigmoid
-    e = detr.sample_queries(5000, distribution="uniform")
+    e = sample_queries(detr, 5000, distribution="uniform")
     learned = detr.learned_queries().detach()
     assert e.shape == (5000, 32) and abs(e.std() - learned.std()) < 0.1 * learned.std()
-    d = deform.sample_queries(10)
+    d = sample_queries(deform, 10)
     assert d.shape == (10, 64)
     with torch.no_grad():
         taps = detr.forward_taps(make_batch())
@@ -332,7 +347,7 @@ def test_preset_copies_imagenet_weights(monkeypatch):
 
 
 # --------------------------------------------------------------------------- 6. save / load / pipeline
-@pytest.mark.parametrize("case", ["detr", "dab", "deformable-refine"])
+@pytest.mark.parametrize("case", ["detr", "table-noaux", "dab", "deformable-refine"])
 def test_save_roundtrip_and_pipeline(tiny_dirs, tmp_path, case):
     import json
 
@@ -381,12 +396,12 @@ def test_broken_checkpoints(tiny_dirs, tmp_path):
 
 
 # --------------------------------------------------------------------------- 7. gradients
-@pytest.mark.parametrize("case", ["detr", "dab", "deformable-refine", "deformable-2stage"])
+@pytest.mark.parametrize("case", ["detr", "table", "dab", "deformable-refine", "deformable-2stage"])
 def test_decode_gradients_reach_decoder(tiny_dirs, case):
     det = load_case(tiny_dirs, case)
     det.train()
     out = det.forward_train(make_batch())
-    queries = det.sample_queries(7, generator=torch.Generator().manual_seed(0))
+    queries = sample_queries(det, 7, generator=torch.Generator().manual_seed(0))
     dec = det.decode(out.taps, queries)
     (dec["logits"].pow(2).mean() + dec["boxes"].mean()).backward()
     decoder = det.model.model.decoder
@@ -394,7 +409,7 @@ def test_decode_gradients_reach_decoder(tiny_dirs, case):
         grads = [p.grad for p in layer.parameters() if p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient in decoder layer {i}"
     last = det.num_decoder_layers - 1  # two-stage keeps one more class head, for the encoder proposals
-    head = det.model.class_labels_classifier if case == "detr" else (
+    head = det.model.class_labels_classifier if case in ("detr", "table") else (
         det.model.class_embed if case == "dab" else det.model.class_embed[last])
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
@@ -509,7 +524,7 @@ def test_random_refpoints_xy_centres_are_uniform():
 def test_channels_last_gives_the_same_predictions(tiny_dirs, case):
     """The engine's NHWC layout (``to_channels_last``, on by default) runs the backbone's convolutions channels-last:
     the taps and detections equal the NCHW model's."""
-    from kdctl.engine.trainer import to_channels_last
+    from kdctl.engine.precision import to_channels_last
 
     ref, det = load_case(tiny_dirs, case), load_case(tiny_dirs, case)
     to_channels_last(det)
@@ -540,3 +555,34 @@ def test_decode_at_given_reference_points(tiny_dirs, case):
     tol = rounding_level(det, taps, det.learned_queries().detach(), same)  # measured: exactly 0 (same operations)
     assert all(float((same[k] - taps[k]).abs().max()) <= tol for k in ("boxes", "logits"))
     assert float((moved["boxes"] - taps["boxes"]).abs().max()) > 100 * tol
+
+
+def test_table_transformer_variant(tiny_dirs, tmp_path):
+    """Table Transformer (microsoft/table-transformer-detection: a DETR with the older decoder keyword names) is one
+    variant class plus one registry line: resolved by its model_type, decoded with its own keyword names (its
+    queries really reach the decoder), trained a step, distillable with KD-DETR, and round-tripped through save."""
+    from kdctl.distill.kd_detr import KDDetrModel, check_pair
+    from kdctl.models.detr import VARIANTS_BY_MODEL_TYPE
+    from kdctl.models.registry import HF_MODEL_TYPES
+
+    assert HF_MODEL_TYPES["table-transformer"] == "detr"
+    det = load_case(tiny_dirs, "table-noaux")
+    assert det.variant is VARIANTS_BY_MODEL_TYPE["table-transformer"] and isinstance(det, KDDetrModel)
+    assert det.architecture == "TableTransformerForObjectDetection" and det.image_mean == (0.485, 0.456, 0.406)
+    sensitised = load_case(tiny_dirs, "table-noaux")
+    sensitise(sensitised)
+    with torch.no_grad():
+        taps = sensitised.forward_taps(make_batch())
+        moved = sensitised.decode(taps, sensitised.learned_queries() + 1.0)
+    assert {"object_queries", "query_position_embeddings"} <= set(taps["decoder_kwargs"])
+    assert (moved["logits"] - taps["logits"]).abs().max() > 1e-3  # the swapped queries are the ones decoded
+    det.train()
+    sum(det.forward_train(make_batch()).losses.values()).backward()
+    assert det.model.class_labels_classifier.weight.grad is not None
+    check_pair(det, load_case(tiny_dirs, "detr"))  # same query kind and logit kind as DETR
+    det.eval()
+    back = load_detector(str(det.save(tmp_path / "saved")))
+    assert back.architecture == det.architecture and back.label_names == NAMES
+    with torch.no_grad():
+        a, b = det.forward_taps(make_batch()), back.forward_taps(make_batch())
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["boxes"], b["boxes"])

@@ -581,7 +581,7 @@ def test_channels_last_gives_the_same_terms_and_gradients():
     """The engine's default NHWC layout (teacher, student and distiller moved with ``to_channels_last``) changes
     only how the convolutions run: every DRKD term, the student's detection losses and the gradients equal the
     NCHW run's to float tolerance, and the activations really are channels-last."""
-    from kdctl.engine.trainer import to_channels_last
+    from kdctl.engine.precision import to_channels_last
 
     batch = make_batch()
 

@@ -99,7 +99,7 @@ def test_resume_from_cli_with_more_steps(tmp_path, tiny_retinanet, synth, capsys
 
 
 def test_nonfinite_loss_skips_steps_then_stops(tmp_path, tiny_retinanet, synth, monkeypatch):
-    from kdctl.models.torchvision import TorchvisionDetector
+    from kdctl.models.cnn import TorchvisionDetector
 
     real = TorchvisionDetector._forward_train
     calls = {"n": 0}
@@ -326,7 +326,8 @@ def test_channels_last_is_a_layout_not_a_model_change(tmp_path, tiny_retinanet, 
 def test_teacher_precision(tmp_path, tiny_retinanet, synth, monkeypatch):
     """--teacher-amp: the teacher's forward runs in bf16 while the student's step stays float32; the taps reach the
     distiller as float32 and close to the float32 teacher's (but not equal: the teacher really ran in bf16)."""
-    from kdctl.engine.trainer import Objective, native_bf16, teacher_amp_dtype
+    from kdctl.engine.objective import Objective
+    from kdctl.engine.precision import native_bf16, teacher_amp_dtype
 
     assert teacher_amp_dtype("off", "cpu", None) is None
     assert teacher_amp_dtype("bf16", "cpu", None) is torch.bfloat16

@@ -216,11 +216,9 @@ def test_onnx_fasterrcnn_one_image_dynamic_size(cnn_dir, tmp_path):
     det = load_detector(str(cnn_dir)).eval()
     img = torch.rand(1, 3, 96, 160)  # another size than traced
     boxes, scores, labels = run_onnx(tmp_path / "o" / "model.onnx", {"images": img})
-    from kdctl.export import CnnOnnx
-    from kdctl.models.torchvision import _attributes, _no_background
+    from kdctl.models.cnn.onnx import CnnOnnx
 
-    with torch.no_grad(), _attributes(det.model.roi_heads, score_thresh=0.001, detections_per_img=100), \
-            _no_background(det.model):
+    with torch.no_grad(), det.postprocessing(score_threshold=0.001, max_detections=100):
         rb, rs, rl = CnnOnnx(det.model)(img)
     assert len(scores) == len(rs) > 0 and labels.min() >= 0 and labels.max() < len(NAMES)
     np.testing.assert_allclose(np.sort(scores), np.sort(rs.numpy()), atol=1e-4)
@@ -229,9 +227,9 @@ def test_onnx_fasterrcnn_one_image_dynamic_size(cnn_dir, tmp_path):
 
 
 def test_unsupported_onnx_is_one_line(detr_dir, tmp_path, capsys, monkeypatch):
-    import kdctl.export as ex
+    from kdctl.models.detr import VARIANTS_BY_CLASS
 
-    monkeypatch.setattr(ex, "ONNX_SUPPORT", {k: v for k, v in ex.ONNX_SUPPORT.items() if not k.startswith("Detr")})
+    monkeypatch.setattr(VARIANTS_BY_CLASS["DetrForObjectDetection"], "onnx_kind", None)  # DETR without ONNX support
     with pytest.raises(SystemExit) as e:
         main(["export", "--model", str(detr_dir), "--format", "onnx", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err

@@ -171,7 +171,7 @@ def fake_run(root: Path, *, teacher: str, data: str, steps: int) -> Path:
 def card_of(run_dir: Path) -> tuple[dict, str]:
     import yaml
 
-    from kdctl.hub import build_card, read_run
+    from kdctl.card import build_card, read_run
 
     card = str(build_card(read_run(run_dir), "acme/student", "detr", "DetrForObjectDetection", NAMES))
     _, meta, body = card.split("---", 2)
@@ -241,7 +241,7 @@ def test_output_under_a_file_is_one_line(command, small_model, tmp_path, capsys)
 
 @pytest.mark.parametrize("command", ["export", "push-to-hub"])
 def test_a_write_failure_is_one_line_and_leaves_nothing(command, small_model, tmp_path, capsys, monkeypatch):
-    from kdctl.models.torchvision import TorchvisionDetector
+    from kdctl.models.cnn import TorchvisionDetector
 
     def read_only(self, directory):
         Path(directory, "kdctl.json").write_text("{}")  # a partial write, then the file system refuses

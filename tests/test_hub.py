@@ -136,8 +136,8 @@ def tiny_cnn_student(directory: Path) -> Path:
 
 def make_run(root: Path, model_dir: Path, *, teacher: str, student: str, method: str) -> Path:
     """A finished distill run laid out as the trainer writes it (config.toml, best/, last/ + trainer.pt, eval/)."""
-    from kdctl.commands import _write_json
     from kdctl.engine.config import RunConfig, write_config
+    from kdctl.io import write_json
 
     run = root / "runs" / "distill" / "exp"
     shutil.copytree(model_dir, run / "best")
@@ -146,7 +146,7 @@ def make_run(root: Path, model_dir: Path, *, teacher: str, student: str, method:
     cfg = RunConfig(task="distill", model=student, teacher=teacher, method="auto", data=str(root / "bccd"),
                     epochs=12, batch_size=4, imgsz=320, kd={"weight": 1.0})
     write_config(run / "config.toml", cfg, {"method": method, "lr": 1e-4, "classes": NAMES})
-    _write_json(run / "eval" / "best.json", {"type": "eval", "step": 30, **METRICS, "per_class": {}})
+    write_json(run / "eval" / "best.json", {"type": "eval", "step": 30, **METRICS, "per_class": {}})
     return run
 
 

@@ -243,18 +243,18 @@ def test_hints_name_options_of_the_command_that_prints_them(tmp_path, synth, cap
 
 
 def test_file_system_errors_are_one_line_and_bugs_are_not_hidden(tmp_path, monkeypatch, capsys):
-    import kdctl.commands
+    import kdctl.commands.data
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", "/somewhere/x.json")
 
-    monkeypatch.setattr(kdctl.commands, "check_data", denied)
+    monkeypatch.setattr(kdctl.commands.data, "check_data", denied)
     code, _, err = run_cli(["data", "check", str(tmp_path)], capsys)
     assert code == 2 and err == "error: /somewhere/x.json: Permission denied\n"
 
     def bug(*a, **k):
         raise OSError(5, "Input/output error")  # not the user's file system state: a traceback, for a bug report
 
-    monkeypatch.setattr(kdctl.commands, "check_data", bug)
+    monkeypatch.setattr(kdctl.commands.data, "check_data", bug)
     with pytest.raises(OSError):
         main(["data", "check", str(tmp_path)])

@@ -16,7 +16,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from kdctl.data.batch import Batch, collate
 from kdctl.errors import KdctlError
-from kdctl.models.torchvision import TorchvisionDetector
+from kdctl.models.cnn import TorchvisionDetector
 from kdctl.specs import load_detector
 
 TV_NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"  # the smallest torchvision detection builder

@@ -25,7 +25,6 @@ Inside kdctl a class is its *dataset class index*: the position of its category 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 from kdctl.data.images import check_image_files
 from kdctl.errors import KdctlError
+from kdctl.io import read_json
 
 SPLITS = ("train", "val", "test")
 LAYOUT = ("DIR/{split}.json with the images in DIR/images/ (or in DIR), or the official "
@@ -163,15 +163,10 @@ class _Problems:
             raise KdctlError("\n".join(lines))
 
 
-def _read_json(ann_path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(ann_path.read_text())
-    except FileNotFoundError as e:
-        raise KdctlError(f"annotation file {ann_path} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdctlError(f"{ann_path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise KdctlError(f"{ann_path}: not a COCO annotation file (top level is not an object)")
+def read_annotations(ann_path: Path) -> dict[str, Any]:
+    if not ann_path.is_file():
+        raise KdctlError(f"annotation file {ann_path} does not exist")
+    raw = read_json(ann_path, "COCO annotation file")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(raw.get(k), list)]
     if "annotations" in missing and isinstance(raw.get("images"), list) and "annotations" not in raw:
         raw["annotations"], missing = [], [k for k in missing if k != "annotations"]  # image-only file: no boxes
@@ -291,7 +286,7 @@ def load_coco(
     and described in ``CocoData.warnings``. ``check_files=False`` skips the image files; ``deep`` decodes each.
     """
     ann_path, image_dir = Path(ann_path), Path(image_dir)
-    raw = _read_json(ann_path)
+    raw = read_annotations(ann_path)
     p = _Problems()
     cats = raw["categories"]
     cat_ids = _check_categories(cats, p)
@@ -323,12 +318,9 @@ def load_label_map(path: str | Path | None) -> dict[str, str] | None:
     if path is None:
         return None
     p = Path(path).expanduser()
-    try:
-        m = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise KdctlError(f"label map {p} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KdctlError(f"label map {p}: not valid JSON ({e})") from e
+    if not p.is_file():
+        raise KdctlError(f"label map {p} does not exist")
+    m = read_json(p, "label map", expect=None)
     if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
         raise KdctlError(f"label map {p}: must be a JSON object of dataset name -> model name strings")
     return m
@@ -341,3 +333,23 @@ def check_same_classes(a: CocoData, b: CocoData) -> None:
             f"{a.ann_path.name} and {b.ann_path.name} define different categories "
             f"({a.names} vs {b.names}); the splits of one dataset must share them"
         )
+
+
+# --------------------------------------------------------------------------- one split, as a command asks
+def split_options(command: str, split: str) -> dict[str, str]:
+    """The options of ``command`` that give the files of ``split`` (the hints of data errors name them)."""
+    if command == "data check":  # a dataset folder only
+        return {}
+    ann = "--val-ann" if command == "eval" else {"train": "--train-ann", "val": "--val-ann"}.get(split)
+    return {"data": "--data", "images": "--images"} | ({"ann": ann} if ann else {})
+
+
+def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, images: Path | None = None,
+               command: str = "train", deep: bool = False):
+    """Locate, read and validate one split; fixable problems are in ``warnings``, fatal ones raise KdctlError.
+
+    ``command`` (train, distill, eval or data check) is the one whose options the hints name; ``deep`` decodes
+    every image (the default reads each file's header and end).
+    """
+    ann_p, img_p = find_split(data, split, ann=ann, images=images, options=split_options(command, split))
+    return load_coco(ann_p, img_p, deep=deep)

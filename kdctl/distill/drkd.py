@@ -62,7 +62,8 @@ Design choices (see also the project design note ``drkd.md``):
   term's dependence on the image size (measured: ``benchmarks/term_magnitudes.py``). ``normalize = False`` is the
   raw official loss, for runs at the reference shape.
 Weights: ``[kd.drkd]`` of the recipe (``pixel``, ``relation``, ``instance``); when not given, the official values
-for the student's architecture (Faster R-CNN 1e-3 / 4e-3 / 2.4e-3; RetinaNet and FCOS 4e-3 / 5e-3 / 6e-3).
+for the student's architecture, declared with it (``drkd_weights`` in :mod:`kdctl.models.cnn.architectures`: Faster
+R-CNN 1e-3 / 4e-3 / 2.4e-3; RetinaNet and FCOS 4e-3 / 5e-3 / 6e-3).
 
 Supported pairs: any two kdctl CNN detectors (Faster R-CNN, RetinaNet, FCOS; any backbone, any FPN width) that
 share at least one FPN stride, e.g. a Faster R-CNN teacher (P2-P6) and a RetinaNet student (P3-P7) are distilled on
@@ -84,12 +85,8 @@ from kdctl.distill.base import Distiller
 from kdctl.distill.drkd_modules import RELATION_FILTERS, GloReUnit, RelationBlock, conv1x1
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
+from kdctl.models.cnn.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, architecture_of
 
-DEFAULT_WEIGHTS: dict[str, tuple[float, float, float]] = {  # architecture -> (pixel, relation, instance)
-    "fasterrcnn": (1e-3, 4e-3, 2.4e-3),
-    "retinanet": (4e-3, 5e-3, 6e-3),
-    "fcos": (4e-3, 5e-3, 6e-3),
-}
 GLORE_MID = (64, 256)  # GloRe node count for the two finest levels / the others, at REFERENCE_CHANNELS
 REFERENCE_CHANNELS = 256
 INSTANCE_LEVELS = 2  # instance / relation terms on this many finest shared levels
@@ -191,7 +188,7 @@ class DRKD(Distiller):
             raise KdctlError(f"[kd.drkd]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(self.OPTIONS)}")
         if relation_filter not in RELATION_FILTERS:
             raise KdctlError(f"[kd.drkd] relation_filter {relation_filter!r}: use one of {', '.join(RELATION_FILTERS)}")
-        weights = _resolve_weights(student, pixel, relation, instance)
+        weights = resolve_weights(student, pixel, relation, instance)
         super().__init__(teacher, student, **weights, normalize=bool(normalize))
         self.w_pixel, self.w_relation, self.w_instance = weights["pixel"], weights["relation"], weights["instance"]
         self.normalize, self.roi_size, self.sampling_ratio = bool(normalize), int(roi_size), int(sampling_ratio)
@@ -312,12 +309,11 @@ def _inter(dim: int, relation_dim: int) -> int:
     return half if relation_dim <= 0 else min(int(relation_dim), half)
 
 
-def _resolve_weights(student: Any, pixel: float | None, relation: float | None,
+def resolve_weights(student: Any, pixel: float | None, relation: float | None,
                      instance: float | None) -> dict[str, float]:
     """Recipe weights, missing ones from the official values for the student's architecture."""
-    arch = str(getattr(student, "architecture", "")).lower()
-    family = next((a for a in DEFAULT_WEIGHTS if a in arch), "fasterrcnn")
-    defaults = dict(zip(("pixel", "relation", "instance"), DEFAULT_WEIGHTS[family], strict=True))
+    arch = architecture_of(str(getattr(student, "architecture", ""))) or ARCHITECTURES[DEFAULT_ARCHITECTURE]
+    defaults = dict(zip(("pixel", "relation", "instance"), arch.drkd_weights, strict=True))
     out = {}
     for key, value in (("pixel", pixel), ("relation", relation), ("instance", instance)):
         try:

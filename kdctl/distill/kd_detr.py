@@ -13,7 +13,7 @@ encoder memory, and distils the predictions slot by slot (no Hungarian matching)
   ("embed2" queries, whose reference points come from each model's own head): the student decodes the teacher's
   query embeddings at the TEACHER's reference points (``teacher_taps["reference_points"]``), so that both models
   decode the same point, the method's premise (the TPRD port does the same).
-* general points: ``num_general`` random queries drawn fresh every step with ``teacher.sample_queries`` (shared by
+* general points: ``num_general`` random queries drawn fresh every step with :func:`sample_queries` (shared by
   teacher and student, no gradient). The teacher decodes them in :meth:`KDDETR.teacher_taps`. Deformable DETR:
   each model derives the reference points of these random embeddings with its own head (as the TPRD port).
 
@@ -77,14 +77,23 @@ for that reason (torchvision's ``generalized_box_iou_loss`` indexes with a boole
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdctl.boxes import giou_loss
 from kdctl.data.batch import Batch
 from kdctl.distill.base import Distiller
+from kdctl.distill.kd_detr_modules import (
+    EPS,
+    QueryProjection,
+    binary_scale,
+    box_l1,
+    class_divergence,
+    foreground_weight,
+)
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
 
@@ -94,102 +103,103 @@ DEFAULTS: dict[str, Any] = {
 }
 """Recipe keys of ``[kd.kd-detr]`` and their defaults."""
 GROUPS = ("specific", "general")
-EPS = 1e-6
+__all__ = ["DEFAULTS", "KDDETR", "KDDetrModel", "QueryProjection", "binary_scale", "box_l1", "check_pair",
+           "class_divergence", "foreground_weight", "giou_loss", "sample_queries"]
 
 
-# =========================================================================== per-point terms
-def foreground_weight(logits: Tensor, logit_kind: str) -> Tensor:
-    """Teacher logits [..., C'] -> foreground weight [...] in (0, 1) (see the module docstring)."""
-    logits = logits.float()
-    if logit_kind == "softmax":
-        return logits.softmax(-1)[..., :-1].amax(-1)
-    return logits.sigmoid().amax(-1)
+# =========================================================================== what KD-DETR needs from a DETR
+@runtime_checkable
+class KDDetrModel(Protocol):
+    """A DETR-family detector KD-DETR can distil from or into (:class:`kdctl.models.detr.DetrDetector`).
 
-
-def class_divergence(student: Tensor, teacher: Tensor, logit_kind: str, temperature: float,
-                     sigmoid_kl: str = "softmax") -> Tensor:
-    """T^2 * mean over classes of the KL(teacher || student) terms at temperature T.
-
-    student: [L, N, G, C'] logits of every student layer; teacher: [N, G, C'] (broadcast over L).
-    Returns [L, N, G]. Softmax models and ``sigmoid_kl = "softmax"``: the reference code's softmax KL over the C'
-    logits. ``sigmoid_kl = "binary"``: per-class Bernoulli KL times :func:`binary_scale` (the reference's gradient
-    magnitude, see the module docstring).
-    """
-    s, t = student.float() / temperature, teacher.float() / temperature
-    if logit_kind == "softmax" or sigmoid_kl == "softmax":
-        log_s, log_t = s.log_softmax(-1), t.log_softmax(-1)
-        return (log_t.exp() * (log_t - log_s)).mean(-1) * temperature**2
-    # independent Bernoulli variables, one per class
-    log_s1, log_s0 = F.logsigmoid(s), F.logsigmoid(-s)
-    log_t1, log_t0 = F.logsigmoid(t), F.logsigmoid(-t)
-    terms = log_t1.exp() * (log_t1 - log_s1) + log_t0.exp() * (log_t0 - log_s0)
-    return terms.mean(-1) * temperature**2 * binary_scale(t)
-
-
-def binary_scale(t: Tensor) -> Tensor:
-    """Teacher logits over T, [..., C] -> the binary form's scale [...] (detached): ``||F_s||_F / ||F_b||_F`` with
-    the Fisher matrices ``F_s = diag(p) - p p^T`` (p = softmax) and ``F_b = diag(q (1 - q))`` (q = sigmoid).
-
-    ``||F_s||_F^2 = sum p^2 - 2 sum p^3 + (sum p^2)^2`` (the diagonal and off-diagonal entries of ``F_s``).
-    """
-    t = t.detach()
-    p, q = t.softmax(-1), t.sigmoid()
-    p2 = (p * p).sum(-1)
-    fro_softmax = (p2 - 2 * (p**3).sum(-1) + p2 * p2).clamp_min(0)
-    fro_binary = ((q * (1 - q)) ** 2).sum(-1)
-    return (fro_softmax / fro_binary.clamp_min(torch.finfo(t.dtype).tiny)).sqrt()
-
-
-def box_l1(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean absolute difference of the 4 box coordinates: [L, N, G, 4], [N, G, 4] -> [L, N, G]."""
-    return (student.float() - teacher.float()).abs().mean(-1)
-
-
-def giou_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Elementwise 1 - GIoU of normalised cxcywh boxes: [L, N, G, 4], [N, G, 4] -> [L, N, G].
-
-    Same value as ``torchvision.ops.generalized_box_iou_loss`` on the xyxy boxes, without its boolean indexing, and
-    exactly 0 for identical boxes (the epsilon guards the divisions as a lower bound, not as an offset).
-    """
-    from torchvision.ops import box_convert
-
-    a = box_convert(student.float(), "cxcywh", "xyxy")
-    b = box_convert(teacher.float(), "cxcywh", "xyxy").expand_as(a)
-    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
-    iou = inter / union.clamp_min(1e-7)
-    enclosing = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).prod(-1)
-    return 1 - (iou - (enclosing - union) / enclosing.clamp_min(1e-7))
-
-
-# =========================================================================== query projection
-class QueryProjection(nn.Module):
-    """Teacher embedding queries [..., parts * D_t] -> student queries [..., parts * D_s], one Linear per part.
-
-    Initialised so that queries with the teacher's statistics come out with the student's (per part: weights
-    ~ N(0, (std_s / std_t)^2 / D_t), bias centring the teacher's mean on the student's), then trained with the
-    student through the KD loss.
+    Taps and decoded outputs are as :mod:`kdctl.models.detr.adapter` describes them: logits [L, N, G, C'], boxes
+    [L, N, G, 4] normalised cxcywh, every decoder layer (last = final).
     """
 
-    def __init__(self, teacher_queries: Tensor, student_queries: Tensor, parts: int) -> None:
-        super().__init__()
-        self.num_parts = parts
-        t_chunks = teacher_queries.detach().float().cpu().chunk(parts, dim=-1)
-        s_chunks = student_queries.detach().float().cpu().chunk(parts, dim=-1)
-        self.parts = nn.ModuleList(self._init_part(t, s) for t, s in zip(t_chunks, s_chunks, strict=True))
+    family: ClassVar[str]
+    architecture: str
+    label_names: list[str]
 
-    @staticmethod
-    def _init_part(t: Tensor, s: Tensor) -> nn.Linear:
-        lin = nn.Linear(t.shape[-1], s.shape[-1])
-        gain = float(s.std().clamp_min(EPS) / t.std().clamp_min(EPS))
-        with torch.no_grad():
-            lin.weight.normal_(0.0, gain / t.shape[-1] ** 0.5)
-            lin.bias.copy_(s.mean() - lin.weight.sum(1) * t.mean())
-        return lin
+    @property
+    def logit_kind(self) -> str:
+        """"softmax" (C' = classes + no-object) or "sigmoid" (C' = classes)."""
+        ...
 
-    def forward(self, q: Tensor) -> Tensor:
-        return torch.cat([lin(c) for lin, c in zip(self.parts, q.chunk(self.num_parts, dim=-1), strict=True)], -1)
+    @property
+    def query_kind(self) -> str:
+        """"embed", "embed2" or "anchor4": the format of the queries :meth:`decode_groups` takes."""
+        ...
+
+    @property
+    def query_dim(self) -> int: ...
+
+    @property
+    def query_parts(self) -> int:
+        """How many independent embeddings one query concatenates ("embed2": position | content = 2)."""
+        ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def num_queries(self) -> int: ...
+
+    def learned_queries(self) -> Tensor:
+        """The model's own queries [Q, D]."""
+        ...
+
+    def check_decodable(self) -> None:
+        """One KdctlError line when the model cannot decode custom queries."""
+        ...
+
+    def forward_taps(self, batch: Batch) -> dict[str, Any]:
+        """Taps of a normal forward: logits, boxes, queries, reference_points, memory, decoder_kwargs."""
+        ...
+
+    def decode(self, taps: dict[str, Any], queries: Tensor) -> dict[str, Tensor]: ...
+
+    def decode_groups(self, taps: dict[str, Any], groups: list[Tensor],
+                      reference_points: list[Tensor | None] | None = None) -> list[dict[str, Tensor]]:
+        """Each query group in its own decoder pass over the taps' memory; optional reference points per group."""
+        ...
+
+
+# =========================================================================== general distillation points
+def sample_queries(model: KDDetrModel, n: int, *, generator: torch.Generator | None = None,
+                   distribution: str = "normal", device: torch.device | str | None = None) -> Tensor:
+    """[n, D] random "general distillation points" in ``model``'s query format.
+
+    anchor4: "normal" draws pre-sigmoid anchors from N(0, 1) (the KD-DETR reference code); "uniform" draws
+    boxes uniformly in [0, 1] after sigmoid (the paper) and returns their logits. embed / embed2: each part
+    ([position] or [position | content]) is drawn with the mean and standard deviation of the model's own
+    learned queries ("normal": Gaussian, "uniform": uniform with the same mean and variance).
+    """
+    if distribution not in ("normal", "uniform"):
+        raise KdctlError(f"unknown query distribution {distribution!r}; use 'normal' or 'uniform'")
+    draw_on = generator.device if generator is not None else torch.device(device or "cpu")
+    shape = (int(n), model.query_dim)
+    if distribution == "normal":
+        z = torch.randn(shape, generator=generator, device=draw_on)
+    else:
+        z = torch.rand(shape, generator=generator, device=draw_on)
+    if model.query_kind == "anchor4":
+        out = z if distribution == "normal" else torch.logit(z.clamp(1e-4, 1 - 1e-4))
+    else:
+        if distribution == "uniform":
+            z = (z - 0.5) * math.sqrt(12.0)  # zero mean, unit variance
+        mean, std = query_stats(model)
+        out = z * std.to(draw_on) + mean.to(draw_on)
+    return out.to(device or draw_on)
+
+
+@torch.no_grad()
+def query_stats(model: KDDetrModel) -> tuple[Tensor, Tensor]:
+    """Mean and std [D] of the learned queries: one value per concatenated part, repeated over its dims."""
+    q = model.learned_queries().detach().float()
+    chunks = q.chunk(model.query_parts, dim=-1)
+    mean = torch.cat([c.mean().expand(c.shape[-1]) for c in chunks])
+    std = torch.cat([c.std().clamp_min(1e-6).expand(c.shape[-1]) for c in chunks])
+    return mean, std  # on the model's device: no host sync
 
 
 # =========================================================================== the method
@@ -201,7 +211,7 @@ class KDDETR(Distiller):
         cls, l1, giou: weights of the class, L1 and GIoU terms.
         temperature: the KL temperature T (the class term is scaled by T^2).
         num_general: general points per step; general_distribution: "normal" (reference code) or "uniform"
-            (paper), see :meth:`DetrDetector.sample_queries`.
+            (paper), see :func:`sample_queries`.
         specific, general: use the teacher's queries / random queries as distillation points.
         normalize: class term as a weighted mean over points instead of a weighted sum (reference).
         sigmoid_kl: class divergence of sigmoid models, "softmax" (reference code, default) or "binary" (per-class
@@ -248,7 +258,7 @@ class KDDETR(Distiller):
             raise KdctlError("[kd.kd-detr]: num_general must be >= 1 (or set general = false)")
 
     @staticmethod
-    def _make_projection(teacher: Any, student: Any, allowed: bool) -> QueryProjection | None:
+    def _make_projection(teacher: KDDetrModel, student: KDDetrModel, allowed: bool) -> QueryProjection | None:
         if teacher.query_dim == student.query_dim:
             return None
         if not allowed:
@@ -257,8 +267,7 @@ class KDDETR(Distiller):
                 f"{student.architecture} {student.hidden_size}: their {teacher.query_kind} queries cannot be shared "
                 "(set project = true in [kd.kd-detr] to learn a projection, or use equal hidden sizes)"
             )
-        parts = 2 if teacher.query_kind == "embed2" else 1
-        return QueryProjection(teacher.learned_queries(), student.learned_queries(), parts)
+        return QueryProjection(teacher.learned_queries(), student.learned_queries(), teacher.query_parts)
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -280,7 +289,7 @@ class KDDETR(Distiller):
                "reference_points": taps.get("reference_points")}
         if self.use_general:
             memory = taps["memory"]
-            q = self.teacher.sample_queries(self.num_general, distribution=self.distribution, device=memory.device)
+            q = sample_queries(self.teacher, self.num_general, distribution=self.distribution, device=memory.device)
             dec = self.teacher.decode(taps, q)
             out.update(general_queries=q, general_logits=dec["logits"][-1], general_boxes=dec["boxes"][-1])
         return out
@@ -354,9 +363,9 @@ class KDDETR(Distiller):
 def check_pair(teacher: Detector, student: Detector) -> None:
     """Refuse, with one line, a teacher/student pair KD-DETR cannot distil."""
     for role, det in (("teacher", teacher), ("student", student)):
-        if not hasattr(det, "decode_groups") or getattr(det, "family", "") != "detr":
+        if det.family != "detr" or not isinstance(det, KDDetrModel):
             raise KdctlError(f"kd-detr needs DETR-family models; the {role} is a {det.architecture} ({det.family})")
-        det.ops.check_decodable(det.model)
+        det.check_decodable()
     t, s = teacher, student
     if list(t.label_names) != list(s.label_names):
         raise KdctlError(

@@ -23,30 +23,9 @@ import numpy as np
 import torch
 
 from kdctl.errors import KdctlError
+from kdctl.io import first_line, write_error
 
 TRAINER_STATE = "trainer.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename); an OS error is one KdctlError line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from e
-
-
-def write_error(path: Path, e: OSError) -> KdctlError:
-    """One line for an OS error while writing ``path`` (read-only folder, disk full, a file where a folder
-    should be)."""
-    cause = e.strerror or str(e) or e.__class__.__name__
-    where = e.filename if e.filename else path
-    return KdctlError(f"cannot write {where}: {cause}")
 
 
 _TEMP = re.compile(r"^(?P<name>.+)\.tmp-?(?P<pid>\d+)(\.png)?$")
@@ -133,7 +112,7 @@ def save_checkpoint(directory: Path, student, trainer_state: dict[str, Any] | No
         if "write" not in str(e).lower():
             raise
         kept = f"; the previous checkpoint {directory} is intact" if directory.exists() else ""
-        raise KdctlError(f"cannot write {tmp / TRAINER_STATE}: {str(e).splitlines()[0]}{kept}") from e
+        raise KdctlError(f"cannot write {tmp / TRAINER_STATE}: {first_line(e)}{kept}") from e
     if directory.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -159,5 +138,5 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise KdctlError(f"{directory}: no {TRAINER_STATE} (not a resumable checkpoint)") from e
     except Exception as e:
-        raise KdctlError(f"{path}: corrupt trainer state ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") \
+        raise KdctlError(f"{path}: corrupt trainer state ({first_line(e)})") \
             from e

@@ -129,16 +129,17 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 
 def default_recipe_name(architecture: str, family: str) -> str:
-    """Recipe picked when --recipe is not given: by detector type, then by family."""
+    """Recipe picked when --recipe is not given: the one the architecture declares
+    (:data:`kdctl.models.cnn.architectures.ARCHITECTURES` for CNN detectors), else the family's."""
     from kdctl.specs import list_presets
 
     have = list_presets("recipes")
-    arch = architecture.lower()
-    for key in ("retinanet", "fcos", "fasterrcnn"):
-        if key in arch and key in have:
-            return key
-    if ("retinanet" in arch or "fcos" in arch) and "retinanet" in have:
-        return "retinanet"
+    if family == "cnn":
+        from kdctl.models.cnn.architectures import recipe_for
+
+        declared = recipe_for(architecture, have)
+        if declared:
+            return declared
     return family if family in have else "cnn"
 
 
@@ -231,12 +232,12 @@ def to_toml(d: dict[str, Any], prefix: str = "") -> str:
 
 
 def write_config(path: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:
-    from kdctl.engine.checkpoint import atomic_write_text
+    from kdctl.io import write_text
 
     d = cfg.to_dict()
     if extra:
         d["resolved"] = extra
-    atomic_write_text(path, "# kdctl run configuration: `kdctl <task> --resume RUN_DIR` continues from it\n"
+    write_text(path, "# kdctl run configuration: `kdctl <task> --resume RUN_DIR` continues from it\n"
                       + to_toml(d))
 
 

@@ -73,6 +73,18 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def merge_by_image(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-rank COCO results as one list; an image that several ranks evaluated (the sampler pads the last
+    batch with repeats) is kept from the first rank that has it."""
+    seen: set[int] = set()
+    results: list[dict[str, Any]] = []
+    for rank_results in parts:
+        ids = {r["image_id"] for r in rank_results}
+        results += [r for r in rank_results if r["image_id"] not in seen]
+        seen |= ids
+    return results
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -47,6 +47,8 @@ def coco_eval(gt, results: list[dict[str, Any]], names: list[str] | None = None,
 
     cat_ids = cat_ids if cat_ids is not None else sorted(gt.getCatIds())
     names = names if names is not None else [gt.cats[c]["name"] for c in cat_ids]
+    if not gt.dataset.get("annotations"):  # no ground truth: every metric is undefined (printed as n/a)
+        return {k: -1.0 for k in METRIC_NAMES}, dict.fromkeys(names, -1.0), "no ground truth"
     if not results:
         return {k: 0.0 for k in METRIC_NAMES}, dict.fromkeys(names, 0.0), "no detections"
     buf = io.StringIO()
@@ -139,25 +141,14 @@ def evaluate_detector(
     ``batches`` replaces the loader (e.g. a DistributedSampler's); ``results_out`` receives the COCO results.
     ``progress(done, total)`` is called after each batch.
     """
-    import torch
-
     from kdctl.data.dataset import CocoDetection, make_loader
 
     ds = CocoDetection(data, imgsz or detector.imgsz, train=False)
     loader = batches if batches is not None else make_loader(ds, batch_size, shuffle=False, workers=workers,
                                                               pin_memory=str(device).startswith("cuda"))
-    results: list[dict] = []
-    n_images = 0
     t0 = time.perf_counter()
-    dev = torch.device(device)
-    for batch in loader:
-        batch = batch.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            dets = detector.predict(batch)
-        results += detections_to_coco(dets, batch.image_ids, data.cat_ids)
-        n_images += len(batch)
-        if progress is not None:
-            progress(n_images, len(ds))
+    results, n_images = predict_coco(detector, loader, data.cat_ids, device, amp_dtype=amp_dtype,
+                                     progress=(lambda done: progress(done, len(ds))) if progress else None)
     seconds = time.perf_counter() - t0
     if results_out is not None:
         results_out.extend(results)
@@ -166,3 +157,25 @@ def evaluate_detector(
         metrics=metrics, per_class=per_class, num_images=n_images, num_detections=len(results), seconds=seconds,
         images_per_second=n_images / seconds if seconds > 0 else 0.0, summary=summary,
     )
+
+
+def predict_coco(detector, batches: Iterable, cat_ids: list[int], device: str, *, amp_dtype=None,
+                 progress: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """``detector.predict`` over ``batches`` (under autocast ``amp_dtype`` when given): COCO results dicts and the
+    number of images seen. ``progress(images done)`` is called after each batch. The one prediction loop of
+    ``kdctl eval`` and of the evaluation during training."""
+    import torch
+
+    dev = torch.device(device)
+    results: list[dict[str, Any]] = []
+    n_images = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                dets = detector.predict(batch)
+            results += detections_to_coco(dets, batch.image_ids, cat_ids)
+            n_images += len(batch)
+            if progress is not None:
+                progress(n_images)
+    return results, n_images

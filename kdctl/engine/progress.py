@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdctl.engine.state import RunResult
 
 
 def percent(value: float) -> str:
@@ -37,8 +40,9 @@ def fmt_terms(terms: dict[str, float], limit: int = 8) -> str:
 class Reporter:
     """Prints progress on rank 0. ``enabled`` False (other ranks, --quiet) prints nothing but errors."""
 
-    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(self, enabled: bool = True, console: Console | None = None, rank0: bool = True) -> None:
         self.enabled = enabled
+        self.rank0 = rank0
         self.console = console or new_console()
         self.live = self.enabled and self.console.is_terminal
         self._progress: Progress | None = None
@@ -47,6 +51,11 @@ class Reporter:
     def print(self, *args: Any, **kw: Any) -> None:
         if self.enabled:
             self.console.print(*args, **kw)
+
+    def warn(self, msg: str) -> None:
+        """One ``warning:`` line on stderr (on rank 0; also with --quiet, as errors are)."""
+        if self.rank0:
+            new_console(stderr=True).print(f"[yellow]warning:[/] {msg}")
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         if not self.live:
@@ -167,3 +176,19 @@ def plot(metrics: MetricsLog, out: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def final_rows(r: RunResult, best_ap: float, device: str) -> list[tuple[str, str]]:
+    """The rows of a run's final table: run, method, steps, time, memory, AP and the paths that exist."""
+    m = r.metrics
+    rows = [("run", str(r.run_dir)), ("method", r.method), ("steps", str(r.steps)),
+            ("time", f"{r.seconds:.1f}s ({r.step_time:.3f}s/step median)"),
+            ("peak memory", f"{r.peak_memory_mb:.0f} MB ({'GPU' if device.startswith('cuda') else 'RSS'})")]
+    if m:
+        rows += [("AP / AP50 / AP75", f"{percent(m['AP'])} / {percent(m['AP50'])} / {percent(m['AP75'])}"),
+                 ("best AP", percent(best_ap))]
+    weights = [str(d) for d in (r.run_dir / "best", r.run_dir / "last") if d.is_dir()]
+    rows += [(what, ", ".join(paths)) for what, paths in (
+        ("weights", weights), ("metrics", [str(r.run_dir / "metrics.jsonl")]),
+        ("plot", [str(r.run_dir / "results.png")])) if paths and all(Path(x).exists() for x in paths)]
+    return rows

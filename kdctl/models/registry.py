@@ -6,9 +6,11 @@ line in ``FAMILIES``; adding a method is one file in ``kdctl/distill`` plus one 
 
 from __future__ import annotations
 
+from kdctl.models.cnn.architectures import ARCHITECTURES as CNN_ARCHITECTURES
+
 # family -> "module:function" that builds a Detector from a resolved spec (imported lazily)
 FAMILIES: dict[str, str] = {
-    "cnn": "kdctl.models.torchvision:load",
+    "cnn": "kdctl.models.cnn:load",
     "detr": "kdctl.models.detr:load",
 }
 
@@ -18,10 +20,11 @@ HF_MODEL_TYPES: dict[str, str] = {
     "conditional_detr": "detr",
     "dab-detr": "detr",
     "deformable_detr": "detr",
+    "table-transformer": "detr",
 }
 
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)
-TORCHVISION_PREFIXES: tuple[str, ...] = ("fasterrcnn", "retinanet", "fcos")
+TORCHVISION_PREFIXES: tuple[str, ...] = tuple(CNN_ARCHITECTURES)
 
 # method name -> (teacher family, student family, "module:Class")
 METHODS: dict[str, tuple[str, str, str]] = {

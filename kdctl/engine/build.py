@@ -1,0 +1,240 @@
+"""What a run is made of, built from a :class:`RunConfig` in small steps that benchmarks and notebooks reuse.
+
+    open_data(cfg)                        -> Data        validated splits (before anything heavy is loaded)
+    build_models(cfg, data, device, ...)  -> Models      method, teacher, recipe, student, distiller
+    build_loaders(cfg, data, dist, ...)   -> Loaders     per-rank loaders, steps per epoch, total steps
+    build_optimisation(cfg, models, ...)  -> Optimisation  autocast dtypes, objective (DDP), optimiser, schedule
+
+Each step fills the options the user left unset (recipe values, image size, batch size, epochs) into ``cfg``,
+which :class:`kdctl.engine.trainer.Trainer` then writes to the run's ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kdctl.engine.config import RunConfig, apply_recipe, default_recipe_name, effective_lr, load_recipe, lr_lambda
+from kdctl.engine.objective import Objective
+from kdctl.engine.optim import build_optimizer
+from kdctl.engine.precision import amp_dtype, teacher_amp_dtype, to_channels_last, use_channels_last
+from kdctl.errors import BackboneWeightsUnavailable, KdctlError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdctl.data.coco import CocoData
+    from kdctl.engine.distributed import DistInfo
+    from kdctl.models.base import Detector
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class Data:
+    """The validated training and validation splits, their class names and the ``--label-map``."""
+
+    train: CocoData
+    val: CocoData
+    names: list[str]
+    label_map: dict[str, str] | None
+
+
+@dataclass
+class Models:
+    """Teacher (None for ``train``), student, distiller (None without KD), the method and the recipe's name."""
+
+    teacher: Detector | None
+    student: Detector
+    distiller: nn.Module | None
+    method: str
+    recipe: str
+    channels_last: bool
+
+
+@dataclass
+class Loaders:
+    """Per-rank loaders over the splits and the schedule's length in micro-batches and optimiser steps."""
+
+    train_set: Any
+    sampler: Any
+    loader: Any
+    val_set: Any
+    val_sampler: Any
+    val_loader: Any
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+
+@dataclass
+class Optimisation:
+    """Autocast dtypes, the differentiated module (DDP-wrapped when distributed), optimiser, schedule, scaler."""
+
+    amp: torch.dtype | None
+    teacher_amp: torch.dtype | None
+    objective: Objective
+    model: nn.Module
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+
+def open_data(cfg: RunConfig, warn: Warn) -> Data:
+    """Read and validate the training and validation splits (fatal problems raise KdctlError; warnings go to
+    ``warn``). An empty training split is fatal; both splits must share their categories."""
+    from kdctl.data.coco import check_same_classes, load_label_map, open_split
+
+    train = open_split(cfg.data, "train", ann=cfg.train_ann, images=cfg.images)
+    for w in train.warnings:
+        warn(w)
+    if not any(not a.get("iscrowd", 0) for a in train.coco["annotations"]):
+        raise KdctlError(f"{train.ann_path}: the training split has no boxes (no annotations, or only crowd ones); "
+                         "there is nothing to learn from")
+    val = open_split(cfg.data, "val", ann=cfg.val_ann, images=cfg.images)
+    for w in val.warnings:
+        warn(w)
+    check_same_classes(train, val)
+    return Data(train=train, val=val, names=list(train.names), label_map=load_label_map(cfg.label_map))
+
+
+def build_teacher(cfg: RunConfig, teacher_r: Any, data: Data, device: str) -> Detector:
+    """The teacher, on ``device``, frozen, in eval mode, its labels mapped to the data's classes."""
+    from kdctl.specs import load_detector
+
+    teacher = load_detector(teacher_r, pretrained_backbone=False, trust_remote_code=cfg.trust_remote_code)
+    teacher.set_classes(data.names, data.label_map)
+    teacher.eval().requires_grad_(False).to(device)
+    return teacher
+
+
+def build_student(cfg: RunConfig, source: Any, names: list[str], overrides: dict[str, Any], warn: Warn) -> Detector:
+    """The student from ``source`` (a spec, or the last checkpoint on resume). Its random init depends on
+    ``--seed`` only, not on what was built before it (the teacher): a distillation run starts from exactly the
+    student its ``kdctl train`` baseline with the same seed starts from. Without ImageNet weights (offline, or
+    none exist) it says so in one line and trains the backbone from scratch."""
+    from kdctl.specs import load_detector
+
+    def build(pretrained: bool) -> Detector:
+        return load_detector(source, label_names=names, pretrained_backbone=pretrained,
+                             trust_remote_code=cfg.trust_remote_code, overrides=overrides)
+
+    torch.manual_seed(cfg.seed)
+    try:
+        return build(cfg.pretrained_backbone)
+    except BackboneWeightsUnavailable as e:
+        warn(f"{str(e).split('; pass')[0]}; training the backbone from scratch (--no-pretrained-backbone says so "
+             "up front)")
+        cfg.pretrained_backbone = False
+        return build(False)
+
+
+def student_overrides(cfg: RunConfig, student_r: Any, last: Path | None, method_over: dict[str, Any]) -> dict[str, Any]:
+    """Preset values the student is built with: the method's (e.g. KD-DETR: the teacher's query count) and
+    ``--backbone-weights``, for students built from presets only."""
+    fresh = last is None and student_r.kind == "preset"
+    over = dict(method_over) if fresh else {}
+    if cfg.backbone_weights and fresh:
+        over["backbone_weights"] = str(Path(cfg.backbone_weights).expanduser().resolve())
+    elif cfg.backbone_weights and last is None:
+        raise KdctlError(f"--backbone-weights applies to a model built from a preset; {student_r.spec} already "
+                         "has its weights")
+    return over
+
+
+def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, warn: Warn) -> Models:
+    """Method choice (before any weights load: an unsupported pair is refused at once), teacher, the student's
+    recipe, student and distiller, on ``device`` (channels-last when on). ``last``: the checkpoint a resumed run
+    continues from."""
+    from kdctl.distill.base import choose_method, distiller_class
+    from kdctl.specs import resolve
+
+    student_r = resolve(cfg.model)
+    method, teacher_r = "none", None
+    if cfg.task == "distill":
+        if cfg.teacher is None:
+            raise KdctlError("distill needs --teacher SPEC")
+        teacher_r = resolve(cfg.teacher)
+        method = choose_method(cfg.method, teacher_r.family, student_r.family, teacher_r.architecture or
+                               teacher_r.spec, student_r.architecture or student_r.spec)
+    teacher = build_teacher(cfg, teacher_r, data, device) if teacher_r is not None else None
+    dist_cls = distiller_class(method) if teacher is not None and method != "none" else None
+    student_names, method_over = (dist_cls.student_setup(teacher, data.names) if dist_cls is not None
+                                  else (list(data.names), {}))
+    recipe = cfg.recipe or default_recipe_name(student_r.architecture or student_r.spec, student_r.family)
+    apply_recipe(cfg, load_recipe(recipe))
+    cfg.recipe = recipe
+    over = student_overrides(cfg, student_r, last, method_over)
+    student = build_student(cfg, str(last) if last is not None else student_r, student_names, over, warn)
+    student.set_classes(data.names, data.label_map)
+    student.to(device).train()
+    cfg.imgsz = cfg.imgsz or student.imgsz
+    student.imgsz = int(cfg.imgsz)  # saved with the model: eval, inspect and export use the trained size
+    distiller = None
+    if dist_cls is not None:
+        distiller = dist_cls(teacher, student, **cfg.kd.get(method, {})).to(device)
+    channels_last = use_channels_last(cfg.channels_last)
+    if channels_last:
+        to_channels_last(teacher, student, distiller)
+    return Models(teacher=teacher, student=student, distiller=distiller, method=method, recipe=recipe,
+                  channels_last=channels_last)
+
+
+def build_loaders(cfg: RunConfig, data: Data, dist: DistInfo, device: str) -> Loaders:
+    """Loaders of a per-rank share of the global batch, augmentation seeded per sample (exact resume); fills
+    ``cfg.batch_size`` (8) and ``cfg.epochs`` (12) when neither they nor --max-steps are set."""
+    from kdctl.data.dataset import CocoDetection, make_loader
+    from kdctl.engine.sampler import ResumableSampler
+
+    cfg.batch_size = cfg.batch_size or 8
+    if cfg.batch_size % dist.world:
+        raise KdctlError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
+    per_rank = cfg.batch_size // dist.world
+    pin = device.startswith("cuda")
+    train_set = CocoDetection(data.train, cfg.imgsz, train=True, hflip=cfg.hflip)
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed, rank=dist.rank, world=dist.world)
+    # the loaders get their own generators: creating an iterator must not consume the global RNG (exact resume)
+    loader = make_loader(train_set, per_rank, shuffle=False, sampler=sampler, workers=cfg.workers, pin_memory=pin,
+                         generator=torch.Generator().manual_seed(cfg.seed))
+    val_set = CocoDetection(data.val, cfg.imgsz, train=False)
+    val_sampler = ResumableSampler(len(val_set), shuffle=False, rank=dist.rank, world=dist.world)
+    val_loader = make_loader(val_set, per_rank, shuffle=False, sampler=val_sampler, workers=cfg.workers,
+                             pin_memory=pin, generator=torch.Generator().manual_seed(0))
+    batches = math.ceil(sampler.per_rank() / per_rank)
+    steps = max(1, batches // cfg.grad_accum)
+    if cfg.max_steps is None and cfg.epochs is None:
+        cfg.epochs = 12
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps
+    return Loaders(train_set=train_set, sampler=sampler, loader=loader, val_set=val_set, val_sampler=val_sampler,
+                   val_loader=val_loader, batches_per_epoch=batches, steps_per_epoch=steps, total_steps=total,
+                   epochs=math.ceil(total / steps))
+
+
+def build_optimisation(cfg: RunConfig, models: Models, dist: DistInfo, device: str,
+                       total_steps: int) -> Optimisation:
+    """Autocast dtypes (student ``--amp``, teacher ``--teacher-amp``), the objective (wrapped in DDP when
+    distributed), the recipe's optimiser with its lr (scaled as the recipe says), warm-up + step schedule and the
+    fp16 gradient scaler."""
+    amp = amp_dtype(cfg.amp, device)
+    teacher_amp = teacher_amp_dtype(cfg.teacher_amp, device, amp) if models.teacher is not None else None
+    objective = Objective(models.student, models.distiller, teacher_amp=teacher_amp)
+    model: nn.Module = objective
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        model = DDP(objective, device_ids=ids, find_unused_parameters=True)
+    lr = effective_lr(cfg)
+    optimizer = build_optimizer(models.student, models.distiller, cfg.optim, lr)
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, o["warmup_steps"], o["warmup_factor"], o["milestones"], o["gamma"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    return Optimisation(amp=amp, teacher_amp=teacher_amp, objective=objective, model=model, lr=lr,
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler)
