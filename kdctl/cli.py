@@ -28,6 +28,9 @@ data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 SPEC_HELP = "Hub id (user/name[@rev]), model or run dir, torchvision:NAME[:WEIGHTS], or preset (detr-r18, ...)."
+DATA_HELP = ("Dataset folder: COCO (DIR/{train,val}.json + DIR/images, the official layout or a Roboflow export), "
+             "YOLO (data.yaml), Pascal VOC or Hugging Face datasets; detected (see --format).")
+FORMAT_HELP = "Dataset format: auto (detected), coco, yolo, voc or hf (Hugging Face datasets; the [datasets] extra)."
 
 
 def _version(value: bool) -> None:
@@ -66,7 +69,8 @@ def inspect(
 @app.command("eval", short_help="COCO mAP of a model on a split, or of a results file.")
 def eval_(
     model: Annotated[str | None, typer.Option("--model", "-m", help=SPEC_HELP)] = None,
-    data: Annotated[Path | None, typer.Option(help="COCO dataset folder.")] = None,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val or test.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     imgsz: Annotated[int | None, typer.Option(min=32, help="Longer image side (default: the model's).")] = None,
@@ -101,13 +105,14 @@ def eval_(
     eval_model(
         model, data=data, split=split, batch_size=batch_size, imgsz=imgsz, device=device, workers=workers,
         json_out=json_out, label_map=label_map, ann=val_ann, images=images, output=output, name=name,
-        trust_remote_code=trust_remote_code, channels_last=channels_last,
+        trust_remote_code=trust_remote_code, channels_last=channels_last, format=format,
     )
 
 
 # --------------------------------------------------------------------------- train / distill
 Opt = typer.Option
-Data = Annotated[Path | None, Opt(help="COCO dataset folder (DIR/{train,val}.json + DIR/images, or the official layout).")]
+Data = Annotated[Path | None, Opt(help=DATA_HELP)]
+DataFormat = Annotated[str | None, Opt("--format", help=FORMAT_HELP)]
 Epochs = Annotated[int | None, Opt(min=1, help="Epochs (default: the recipe's).")]
 MaxSteps = Annotated[int | None, Opt(min=1, help="Stop after this many optimiser steps (overrides --epochs).")]
 BatchSize = Annotated[int | None, Opt(min=1, help="Global batch size, split over processes (default: recipe).")]
@@ -154,6 +159,9 @@ BackboneWeights = Annotated[Path | None, Opt(
     help="ImageNet backbone weights from a local file (.pth / .safetensors, torchvision or timm names) for a "
          "preset model; no download.")]
 LabelMap = Annotated[Path | None, Opt(help="JSON {dataset class name: model label name}.")]
+Head = Annotated[str | None, Opt(
+    help="The model's class head: auto (a new head for the data's classes when the model lacks one of them, rows "
+         "of the classes it knows kept), keep (refuse a missing class), new (always a fresh head).")]
 TrainAnn = Annotated[Path | None, Opt(help="Training annotation file (overrides the layout).")]
 ValAnn = Annotated[Path | None, Opt(help="Validation annotation file (overrides the layout).")]
 Images = Annotated[Path | None, Opt(help="Image folder (overrides the layout).")]
@@ -169,14 +177,15 @@ def _run(task: str, opts: dict) -> None:
 @app.command(short_help="Train or fine-tune a detector without KD.")
 def train(
     model: Annotated[str | None, Opt("--model", "-m", help=SPEC_HELP)] = None,
-    data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    data: Data = None, format: DataFormat = None,
+    epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, channels_last: ChannelsLast = None, eval_every: EvalEvery = None,
     log_every: LogEvery = None, save_every_steps: SaveEvery = None,
     name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
-    label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
-    trust_remote_code: Trust = False,
+    label_map: LabelMap = None, head: Head = None, train_ann: TrainAnn = None, val_ann: ValAnn = None,
+    images: Images = None, trust_remote_code: Trust = False,
 ) -> None:
     """Train or fine-tune a detector without KD (a teacher for your data, or the non-distilled baseline)."""
     _run("train", locals())
@@ -187,15 +196,16 @@ def distill(
     teacher: Annotated[str | None, Opt("--teacher", "-t", help="Teacher: " + SPEC_HELP)] = None,
     student: Annotated[str | None, Opt("--student", "-s", help="Student: " + SPEC_HELP)] = None,
     method: Annotated[str | None, Opt(help="auto (by architectures), drkd, kd-detr or none.")] = None,
-    data: Data = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    data: Data = None, format: DataFormat = None,
+    epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,
     grad_accum: GradAccum = None, amp: Amp = None, teacher_amp: TeacherAmp = None,
     channels_last: ChannelsLast = None, eval_every: EvalEvery = None, log_every: LogEvery = None,
     save_every_steps: SaveEvery = None, name: Name = None, output: Output = None, recipe: Recipe = None,
     resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
-    label_map: LabelMap = None, train_ann: TrainAnn = None, val_ann: ValAnn = None, images: Images = None,
-    trust_remote_code: Trust = False,
+    label_map: LabelMap = None, head: Head = None, train_ann: TrainAnn = None, val_ann: ValAnn = None,
+    images: Images = None, trust_remote_code: Trust = False,
 ) -> None:
     """Distil a teacher into a student: student detection loss + the KD loss of the auto-chosen method."""
     _run("distill", locals())
@@ -269,18 +279,39 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    data: Annotated[Path, typer.Argument(help="COCO dataset folder.")],
+    data: Annotated[Path, typer.Argument(help=DATA_HELP)],
     split: Annotated[str | None, typer.Option(help="Only this split (default: every split present).")] = None,
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     deep: Annotated[bool, typer.Option(
         "--deep", help="Decode every image in full (slower; by default each file's header and end are read).")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also write a PNG (FILE.png) of the boxes per class and size, and of the box centres and shapes.")] = None,
 ) -> None:
-    """Validate a COCO dataset folder and print its statistics (exit 2 on a fatal problem).
+    """Validate a dataset folder (COCO, YOLO, Pascal VOC, Hugging Face datasets) and print its statistics (exit 2
+    on a fatal problem): images, boxes per class and split, COCO small/medium/large counts, classes with boxes in
+    one split and none in another.
 
     Every image file is opened: unreadable or truncated files, and sizes that differ from the annotation's
     width/height (with the EXIF orientation applied where that makes them match), are fatal."""
     from kdctl.commands.data import check_data
 
-    check_data(data, split=split, deep=deep)
+    check_data(data, split=split, deep=deep, plot=plot, format=format)
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[Path, typer.Argument(help=DATA_HELP)],
+    dst: Annotated[Path, typer.Argument(help="Output folder (must not exist, or be empty).")],
+    to: Annotated[str, typer.Option("--to", help="Output format: coco (DST/{split}.json + DST/images) or yolo "
+                                    "(DST/data.yaml + images/ + labels/).")],
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "auto",
+    split: Annotated[str | None, typer.Option(help="Only this split (default: every split present).")] = None,
+) -> None:
+    """Convert a dataset to COCO or YOLO, loss-free for boxes and class names (validated first; a fatal problem
+    writes nothing)."""
+    from kdctl.commands.data import convert_data
+
+    convert_data(src, dst, to=to, format=format, split=split)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -39,11 +39,12 @@ def eval_model(
     name: str | None = None,
     trust_remote_code: bool = False,
     channels_last: bool = True,
+    format: str = "auto",
 ):
     """``kdctl eval --model``: validate data first, load the model, predict, score with pycocotools."""
     from kdctl.data.coco import load_label_map
 
-    cd = open_split(data, split, ann=ann, images=images, command="eval")  # validate before loading anything heavy
+    cd = open_split(data, split, ann=ann, images=images, command="eval", format=format)  # validate before loading anything heavy
     lm = load_label_map(label_map)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -1,316 +1,95 @@
-"""COCO-format datasets: find the files, validate them before any work starts, and serve (image, target) pairs.
+"""Datasets as commands open them: the format of a dataset folder, its splits, one validated split.
 
-Two folder layouts are recognised (``--train-ann``, ``--val-ann`` and ``--images`` override either):
+A dataset folder is read in one of these formats (:mod:`kdctl.data.formats`), detected in this order
+(``--format`` forces one):
 
-* ``DIR/{train,val,test}.json`` + ``DIR/images/`` (as ``shared/data/bccd``);
-* the official ``DIR/annotations/instances_{train,val}2017.json`` + ``DIR/{train,val}2017/``.
+* ``coco``: ``DIR/{train,val,test}.json`` + ``DIR/images/``, the official
+  ``DIR/annotations/instances_{train,val}2017.json`` + ``DIR/{train,val}2017/``, or a Roboflow export
+  ``DIR/{train,valid,test}/_annotations.coco.json`` (``--train-ann``, ``--val-ann`` and ``--images`` override
+  the layout, and imply COCO);
+* ``yolo``: ``DIR/data.yaml`` (or ``data.yml``);
+* ``voc``: ``DIR/Annotations/`` and ``DIR/ImageSets/Main/``;
+* ``hf``: a Hugging Face ``datasets`` folder (``dataset_dict.json``, ``state.json`` or ``*.parquet`` files).
 
-Validation (:func:`load_coco`) sorts problems into
-
-* fatal ones, reported together, one line per kind with a count and an example (:class:`KdctlError`, exit code
-  2): missing or malformed annotation file, no images, no categories, duplicate image/annotation/category ids,
-  annotations of unknown images or categories, missing image files, unreadable or truncated image files, images
-  without a positive size, images whose pixel size is not the annotation's width/height (neither as stored nor
-  with the EXIF orientation applied), malformed or non-finite boxes, boxes with a negative width or height, boxes
-  entirely outside their image;
-* fixable ones, fixed with one warning line per kind with a count: degenerate boxes (zero width or height, or
-  under 1 pixel after clipping) are dropped; boxes that stick out of their image are clipped to it; images whose
-  frame the EXIF orientation leaves open are used as :mod:`kdctl.data.images` says.
-
-Every image file is opened (header, size, EXIF orientation; ``deep`` decodes it); the EXIF orientation is applied
-to the images listed in ``CocoData.apply_exif`` (the rule is in :mod:`kdctl.data.images`).
-
-Inside kdctl a class is its *dataset class index*: the position of its category in the categories sorted by id.
+A folder that is none of them is taken as COCO (whose error names what it looked for). Whatever the format, a
+split is a validated :class:`CocoData` (the rules are in :mod:`kdctl.data.validate`): a COCO dict in memory that
+pycocotools evaluates and :class:`kdctl.data.dataset.CocoDetection` serves, so teacher and student see the same
+pixels whatever the format.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
-from kdctl.data.images import check_image_files
+from kdctl.data.formats.coco import LAYOUT, annotation_candidates, find_split
+from kdctl.data.formats.common import SPLITS
+from kdctl.data.validate import CocoData, load_coco, read_annotations, validate_coco
 from kdctl.errors import KdctlError
 from kdctl.io import read_json
 
-SPLITS = ("train", "val", "test")
-LAYOUT = ("DIR/{split}.json with the images in DIR/images/ (or in DIR), or the official "
-          "DIR/annotations/instances_{split}2017.json with DIR/{split}2017/")
+__all__ = ["FORMATS", "LAYOUT", "SPLITS", "CocoData", "annotation_candidates", "check_same_classes",
+           "detect_format", "find_split", "load_coco", "load_label_map", "open_split", "present_splits",
+           "read_annotations", "split_options", "validate_coco"]
+
+FORMATS = ("auto", "coco", "yolo", "voc", "hf")
+FORMAT_NAMES = {"coco": "COCO", "yolo": "YOLO", "voc": "Pascal VOC", "hf": "Hugging Face datasets"}
+EXPECTED = {"yolo": "data.yaml (or data.yml) with images/ and labels/",
+            "voc": "Annotations/*.xml, JPEGImages/ and ImageSets/Main/{train,val,test}.txt",
+            "hf": "a save_to_disk folder (dataset_dict.json, or state.json) or *.parquet files"}
 
 
-@dataclass
-class CocoData:
-    """A validated COCO annotation file.
-
-    ``coco`` is the (cleaned) JSON dict, usable as pycocotools ground truth. ``cat_ids[k]`` is the category id of
-    dataset class k and ``names[k]`` its name. ``anns_by_image`` maps image id -> cleaned annotations.
-    ``apply_exif`` holds the ids of the images whose EXIF orientation is applied when they are decoded.
-    """
-
-    ann_path: Path
-    image_dir: Path
-    coco: dict[str, Any]
-    names: list[str]
-    cat_ids: list[int]
-    images: list[dict[str, Any]]
-    anns_by_image: dict[int, list[dict[str, Any]]]
-    warnings: list[str] = field(default_factory=list)
-    apply_exif: set[int] = field(default_factory=set)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    def class_index(self) -> dict[int, int]:
-        """Category id -> dataset class index."""
-        return {c: i for i, c in enumerate(self.cat_ids)}
-
-    def pycocotools(self):
-        """A pycocotools COCO object over the cleaned annotations (without printing)."""
-        import contextlib
-        import io
-
-        from pycocotools.coco import COCO
-
-        gt = COCO()
-        gt.dataset = self.coco
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt.createIndex()
-        return gt
+def reader(fmt: str) -> ModuleType:
+    """The module of :mod:`kdctl.data.formats` that reads ``fmt``."""
+    if fmt == "coco":
+        from kdctl.data.formats import coco as mod
+    elif fmt == "yolo":
+        from kdctl.data.formats import yolo as mod
+    elif fmt == "voc":
+        from kdctl.data.formats import voc as mod
+    elif fmt == "hf":
+        from kdctl.data.formats import hf as mod
+    else:
+        raise KdctlError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    return mod
 
 
-# --------------------------------------------------------------------------- layout
-def annotation_candidates(root: Path, split: str) -> list[Path]:
-    """Where the two layouts keep the annotation file of ``split`` in dataset folder ``root``."""
-    return [root / f"{split}.json", root / "annotations" / f"instances_{split}2017.json"]
+def detect_format(root: str | Path) -> str:
+    """The format of dataset folder ``root`` (coco, yolo, voc or hf; coco when none matches)."""
+    root = Path(root).expanduser()
+    return next((f for f in ("coco", "yolo", "voc", "hf") if reader(f).looks_like(root)), "coco")
 
 
-def find_split(
-    root: str | Path | None,
-    split: str,
-    *,
-    ann: str | Path | None = None,
-    images: str | Path | None = None,
-    options: dict[str, str] | None = None,
-) -> tuple[Path, Path]:
-    """Locate the annotation file and image folder of ``split`` in a dataset folder.
-
-    ``ann`` and ``images`` override what the layout gives. Raises KdctlError when nothing is found, with a hint
-    that names the calling command's options: ``options`` maps ``"data"``, ``"ann"`` (the option giving this
-    split's annotation file) and ``"images"`` to them; without one, the hint describes the expected layout.
-    """
-    opt = options or {}
-    layout = LAYOUT.format(split=split)
-    if root is None and ann is None:
-        if "data" not in opt:
-            raise KdctlError(f"no dataset folder given (expected {layout})")
-        alt = f" (or {opt['ann']} FILE with {opt['images']} DIR)" if "ann" in opt and "images" in opt else ""
-        raise KdctlError(f"no dataset: pass {opt['data']} DIR{alt}")
-    root_p = Path(root).expanduser() if root is not None else None
-    if root_p is not None and not root_p.is_dir():
-        raise KdctlError(f"dataset folder {root_p} does not exist or is not a folder")
-    ann_p = Path(ann).expanduser() if ann is not None else None
-    img_p = Path(images).expanduser() if images is not None else None
-    if ann_p is None:
-        found = [c for c in annotation_candidates(root_p, split) if c.is_file()]
-        if not found:
-            raise KdctlError(
-                f"{root_p}: no annotations for split {split!r} (looked for {split}.json and "
-                f"annotations/instances_{split}2017.json); "
-                + (f"pass {opt['ann']} FILE" if "ann" in opt else f"expected {layout}")
-            )
-        ann_p = found[0]
-    elif not ann_p.is_file():
-        raise KdctlError(f"annotation file {ann_p} does not exist")
-    if img_p is None:
-        base = root_p if root_p is not None else ann_p.parent
-        official = ann_p.parent.name == "annotations" and ann_p.name.startswith("instances_")
-        if official:
-            img_p = ann_p.parent.parent / ann_p.stem.removeprefix("instances_")
-        elif (base / "images").is_dir():
-            img_p = base / "images"
-        else:
-            img_p = base
-    if not img_p.is_dir():
-        hint = f"pass {opt['images']} DIR" if "images" in opt else f"expected {layout}"
-        raise KdctlError(f"image folder {img_p} does not exist ({hint})")
-    return ann_p, img_p
+def resolve_format(root: Path | str | None, fmt: str = "auto", *, overrides: bool = False) -> str:
+    """``fmt`` checked, or the detected format of ``root`` for ``auto``; ``overrides`` (annotation or image files
+    given) means COCO."""
+    if fmt != "auto":
+        reader(fmt)  # an unknown name is an error
+    if overrides:
+        if fmt not in ("auto", "coco"):
+            raise KdctlError(f"--format {fmt}: annotation and image file options (--train-ann, --val-ann, --images) "
+                             f"give COCO files; leave them out for a {FORMAT_NAMES[fmt]} folder")
+        return "coco"
+    if fmt != "auto":
+        return fmt
+    if root is None or not Path(root).expanduser().is_dir():
+        return "coco"  # find_split says what is missing
+    return detect_format(root)
 
 
-# --------------------------------------------------------------------------- validation
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def folder_reader(root: Path, fmt: str) -> ModuleType:
+    """The reader of ``fmt`` for folder ``root``; a folder that is not of that format is a KdctlError."""
+    mod = reader(fmt)
+    if fmt != "coco" and not mod.looks_like(root):
+        raise KdctlError(f"{root}: not a {FORMAT_NAMES[fmt]} folder (--format {fmt}: expected {EXPECTED[fmt]})")
+    return mod
 
 
-class _Problems:
-    """Fatal problems (kind -> count, and the first example of each) and fixed ones (kind -> count)."""
-
-    def __init__(self) -> None:
-        self.fatal: Counter[str] = Counter()
-        self.fixed: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}
-
-    def bad(self, kind: str, example: Any) -> None:
-        self.fatal[kind] += 1
-        self.examples.setdefault(kind, str(example))
-
-    def raise_fatal(self, ann_path: Path) -> None:
-        if self.fatal:
-            lines = [f"{ann_path}: invalid COCO dataset"]
-            lines += [f"  {kind}: {n} (e.g. {self.examples[kind]})" for kind, n in self.fatal.items()]
-            raise KdctlError("\n".join(lines))
-
-
-def read_annotations(ann_path: Path) -> dict[str, Any]:
-    if not ann_path.is_file():
-        raise KdctlError(f"annotation file {ann_path} does not exist")
-    raw = read_json(ann_path, "COCO annotation file")
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(raw.get(k), list)]
-    if "annotations" in missing and isinstance(raw.get("images"), list) and "annotations" not in raw:
-        raw["annotations"], missing = [], [k for k in missing if k != "annotations"]  # image-only file: no boxes
-    if missing:
-        raise KdctlError(f"{ann_path}: not a COCO detection file (missing or non-list key(s): {', '.join(missing)})")
-    return raw
-
-
-def _check_categories(cats: list, p: _Problems) -> list[int]:
-    if not cats:
-        p.bad("no categories", "the 'categories' list is empty")
-    cat_ids = []
-    for c in cats:
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-            p.bad("malformed categories (need integer id and string name)", c)
-            continue
-        cat_ids.append(c["id"])
-    for cid, n in Counter(cat_ids).items():
-        if n > 1:
-            p.bad("duplicate category ids", f"id {cid} used {n} times")
-    return cat_ids
-
-
-def _check_images(images: list, p: _Problems) -> tuple[dict[int, dict], list[dict]]:
-    """(image id -> entry, the entries with a positive width and height)."""
-    if not images:
-        p.bad("no images", "the 'images' list is empty")
-    img_by_id: dict[int, dict] = {}
-    sized: list[dict] = []
-    seen_img: Counter[Any] = Counter()
-    for im in images:
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
-            p.bad("malformed images (need integer id and file_name)", im)
-            continue
-        seen_img[im["id"]] += 1
-        if not (_is_num(im.get("width")) and _is_num(im.get("height")) and im["width"] > 0 and im["height"] > 0):
-            p.bad("images without a positive width/height", f"image id {im['id']}")
-        else:
-            sized.append(im)
-        img_by_id[im["id"]] = im
-    for iid, n in seen_img.items():
-        if n > 1:
-            p.bad("duplicate image ids", f"id {iid} used {n} times")
-    return img_by_id, sized
-
-
-def _check_files(img_by_id: dict[int, dict], sized: list[dict], image_dir: Path, deep: bool, p: _Problems) -> set[int]:
-    """Missing, unreadable and wrongly sized image files; returns the ids whose EXIF orientation is applied."""
-    for im in img_by_id.values():
-        if not (image_dir / im["file_name"]).is_file():
-            p.bad("missing image files", image_dir / im["file_name"])
-    present = [im for im in sized if (image_dir / im["file_name"]).is_file()]
-    files = check_image_files(present, image_dir, deep=deep)
-    for kind, example in files.fatal:
-        p.bad(kind, example)
-    p.fixed.update(files.notes)
-    return files.apply_exif
-
-
-def _clean_annotations(
-    anns: list, img_by_id: dict[int, dict], known_cats: set[int], p: _Problems
-) -> tuple[list[dict], dict[int, list[dict]]]:
-    """(the cleaned annotations, image id -> its cleaned annotations)."""
-    seen_ann: Counter[Any] = Counter()
-    anns_by_image: dict[int, list[dict]] = {i: [] for i in img_by_id}
-    clean_anns = []
-    for a in anns:
-        if not isinstance(a, dict) or "id" not in a:
-            p.bad("malformed annotations (need an id)", a)
-            continue
-        seen_ann[a["id"]] += 1
-        if a.get("image_id") not in img_by_id:
-            p.bad("annotations of unknown image ids", f"annotation {a['id']} -> image_id {a.get('image_id')}")
-            continue
-        if a.get("category_id") not in known_cats:
-            p.bad("annotations of unknown category ids", f"annotation {a['id']} -> category_id {a.get('category_id')}")
-            continue
-        box = a.get("bbox")
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_num(v) for v in box)):
-            p.bad("malformed or non-finite bbox (need [x, y, w, h])", f"annotation {a['id']}: {box}")
-            continue
-        x, y, w, h = (float(v) for v in box)
-        if w < 0 or h < 0:
-            p.bad("boxes with a negative width or height", f"annotation {a['id']}: {box}")
-            continue
-        im = img_by_id[a["image_id"]]
-        W, H = float(im.get("width") or 0), float(im.get("height") or 0)
-        if W > 0 and H > 0 and (x >= W or y >= H or x + w <= 0 or y + h <= 0) and w > 0 and h > 0:
-            p.bad("boxes entirely outside their image", f"annotation {a['id']}: {box} in {W:g}x{H:g}")
-            continue
-        if W > 0 and H > 0:
-            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-                p.fixed["boxes sticking out of their image, clipped"] += 1
-                x, y, w, h = x0, y0, x1 - x0, y1 - y0
-        if w < 1 or h < 1:
-            p.fixed["degenerate boxes (under 1 px wide or high), dropped"] += 1
-            continue
-        b = dict(a)
-        b["bbox"] = [x, y, w, h]
-        b.setdefault("area", w * h)
-        b.setdefault("iscrowd", 0)
-        clean_anns.append(b)
-        anns_by_image[a["image_id"]].append(b)
-    for aid, n in seen_ann.items():
-        if n > 1:
-            p.bad("duplicate annotation ids", f"id {aid} used {n} times")
-    return clean_anns, anns_by_image
-
-
-def load_coco(
-    ann_path: str | Path, image_dir: str | Path, *, check_files: bool = True, deep: bool = False
-) -> CocoData:
-    """Read and validate a COCO detection annotation file (see the module docstring for the rules).
-
-    Raises KdctlError listing every fatal problem, one line per kind with a count. Fixable problems are fixed
-    and described in ``CocoData.warnings``. ``check_files=False`` skips the image files; ``deep`` decodes each.
-    """
-    ann_path, image_dir = Path(ann_path), Path(image_dir)
-    raw = read_annotations(ann_path)
-    p = _Problems()
-    cats = raw["categories"]
-    cat_ids = _check_categories(cats, p)
-    img_by_id, sized = _check_images(raw["images"], p)
-    apply_exif = _check_files(img_by_id, sized, image_dir, deep, p) if check_files else set()
-    clean_anns, anns_by_image = _clean_annotations(raw["annotations"], img_by_id, set(cat_ids), p)
-    p.raise_fatal(ann_path)
-
-    sorted_cats = sorted(cats, key=lambda c: c["id"])
-    coco = dict(raw)
-    coco["annotations"] = clean_anns
-    coco.setdefault("info", {})
-    coco.setdefault("licenses", [])
-    return CocoData(
-        ann_path=ann_path,
-        image_dir=image_dir,
-        coco=coco,
-        names=[c["name"] for c in sorted_cats],
-        cat_ids=[c["id"] for c in sorted_cats],
-        images=sorted(img_by_id.values(), key=lambda im: im["id"]),
-        anns_by_image=anns_by_image,
-        warnings=[f"{ann_path.name}: {kind}: {n}" for kind, n in p.fixed.items()],
-        apply_exif=apply_exif,
-    )
+def present_splits(root: str | Path, fmt: str = "auto") -> tuple[str, list[str]]:
+    """(format, the splits present among train, val and test) of dataset folder ``root``."""
+    fmt = resolve_format(root, fmt)
+    root = Path(root).expanduser()
+    return fmt, folder_reader(root, fmt).splits(root)
 
 
 def load_label_map(path: str | Path | None) -> dict[str, str] | None:
@@ -345,11 +124,22 @@ def split_options(command: str, split: str) -> dict[str, str]:
 
 
 def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, images: Path | None = None,
-               command: str = "train", deep: bool = False):
+               command: str = "train", deep: bool = False, format: str = "auto") -> CocoData:
     """Locate, read and validate one split; fixable problems are in ``warnings``, fatal ones raise KdctlError.
 
-    ``command`` (train, distill, eval or data check) is the one whose options the hints name; ``deep`` decodes
-    every image (the default reads each file's header and end).
+    ``format`` is auto (detected) or one of :data:`FORMATS`; ``ann`` and ``images`` (COCO files) override the
+    layout. ``command`` (train, distill, eval or data check) is the one whose options the hints name; ``deep``
+    decodes every image (the default reads each file's header and end).
     """
-    ann_p, img_p = find_split(data, split, ann=ann, images=images, options=split_options(command, split))
-    return load_coco(ann_p, img_p, deep=deep)
+    fmt = resolve_format(data, format, overrides=ann is not None or images is not None)
+    if fmt == "coco":
+        from kdctl.data.formats.coco import load
+
+        ann_p, img_p = find_split(data, split, ann=ann, images=images, options=split_options(command, split))
+        return load(ann_p, img_p, deep=deep)
+    if data is None:
+        raise KdctlError(f"no dataset folder given for --format {fmt}")
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise KdctlError(f"dataset folder {root} does not exist or is not a folder")
+    return folder_reader(root, fmt).read(root, split, deep=deep)

@@ -37,6 +37,9 @@ class Distiller(nn.Module):
     """
 
     name: ClassVar[str] = "?"
+    same_label_space: ClassVar[bool] = False
+    """True: the student must have exactly the teacher's labels (what :meth:`student_setup` returns); a student
+    labelled otherwise gets a new head for them (``--head``, :func:`kdctl.engine.build.fit_head`)."""
 
     def __init__(self, teacher: Detector, student: Detector, **weights: Any) -> None:
         super().__init__()
@@ -45,9 +48,11 @@ class Distiller(nn.Module):
 
     @classmethod
     def student_setup(cls, teacher: Detector, dataset_names: list[str]) -> tuple[list[str], dict[str, Any]]:
-        """Label names and preset overrides for a student built from a preset (default: the dataset's classes).
+        """Label names for the student and preset overrides for a student built from a preset (default: the
+        dataset's classes, which a student from a checkpoint must cover, else it gets a new head for them).
 
-        KD-DETR, for instance, gives the student the teacher's label space and query count.
+        KD-DETR, for instance, gives the student the teacher's label space (:attr:`same_label_space`: a student
+        labelled otherwise is re-headed to it) and, for a preset student, the teacher's query count.
         """
         return list(dataset_names), {}
 

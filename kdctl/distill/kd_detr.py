@@ -220,6 +220,7 @@ class KDDETR(Distiller):
     """
 
     name: ClassVar[str] = "kd-detr"
+    same_label_space: ClassVar[bool] = True  # the class term compares logits row by row
 
     def __init__(
         self, teacher: Detector, student: Detector, *, cls: float = 1.0, l1: float = 5.0, giou: float = 2.0,
@@ -272,7 +273,8 @@ class KDDETR(Distiller):
     # ------------------------------------------------------------------ set-up
     @classmethod
     def student_setup(cls, teacher: Detector, dataset_names: list[str]) -> tuple[list[str], dict[str, Any]]:
-        """A preset student takes the teacher's label space and query count."""
+        """The student takes the teacher's label space (a checkpoint labelled otherwise gets a new head, rows of
+        shared classes kept); a preset student also takes the teacher's query count."""
         return list(teacher.label_names), {"num_queries": int(teacher.num_queries)}  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ teacher side

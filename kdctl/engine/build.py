@@ -91,13 +91,13 @@ def open_data(cfg: RunConfig, warn: Warn) -> Data:
     ``warn``). An empty training split is fatal; both splits must share their categories."""
     from kdctl.data.coco import check_same_classes, load_label_map, open_split
 
-    train = open_split(cfg.data, "train", ann=cfg.train_ann, images=cfg.images)
+    train = open_split(cfg.data, "train", ann=cfg.train_ann, images=cfg.images, format=cfg.format)
     for w in train.warnings:
         warn(w)
     if not any(not a.get("iscrowd", 0) for a in train.coco["annotations"]):
         raise KdctlError(f"{train.ann_path}: the training split has no boxes (no annotations, or only crowd ones); "
                          "there is nothing to learn from")
-    val = open_split(cfg.data, "val", ann=cfg.val_ann, images=cfg.images)
+    val = open_split(cfg.data, "val", ann=cfg.val_ann, images=cfg.images, format=cfg.format)
     for w in val.warnings:
         warn(w)
     check_same_classes(train, val)
@@ -105,13 +105,51 @@ def open_data(cfg: RunConfig, warn: Warn) -> Data:
 
 
 def build_teacher(cfg: RunConfig, teacher_r: Any, data: Data, device: str) -> Detector:
-    """The teacher, on ``device``, frozen, in eval mode, its labels mapped to the data's classes."""
+    """The teacher, on ``device``, frozen, in eval mode, its labels mapped to the data's classes. A teacher that
+    lacks one of them is refused with the ``kdctl train`` command that fine-tunes it on the data first."""
+    from kdctl.models.labels import match_classes
     from kdctl.specs import load_detector
 
     teacher = load_detector(teacher_r, pretrained_backbone=False, trust_remote_code=cfg.trust_remote_code)
+    rows = match_classes(data.names, teacher.label_names, data.label_map)
+    missing = [n for n, r in zip(data.names, rows, strict=True) if r is None]
+    if missing:
+        have = ", ".join(teacher.label_names[:12]) + (", ..." if len(teacher.label_names) > 12 else "")
+        raise KdctlError(
+            f"the teacher has no label for dataset class(es) {', '.join(repr(m) for m in missing)} (teacher labels: "
+            f"{have}); a teacher must know the data's classes: fine-tune it on the data first with "
+            f"`{teacher_command(cfg)}` and pass that run as --teacher")
     teacher.set_classes(data.names, data.label_map)
     teacher.eval().requires_grad_(False).to(device)
     return teacher
+
+
+def teacher_command(cfg: RunConfig) -> str:
+    """The ``kdctl train`` command that fine-tunes ``cfg.teacher`` on ``cfg.data`` (a new head for its classes)."""
+    import shlex
+
+    name = f"{cfg.name}-teacher" if cfg.name else "teacher"
+    parts = ["kdctl", "train", "--model", str(cfg.teacher), "--data", str(cfg.data)]
+    for opt, value in (("--format", cfg.format), ("--train-ann", cfg.train_ann),
+                       ("--val-ann", cfg.val_ann), ("--images", cfg.images), ("--label-map", cfg.label_map),
+                       ("--output", None if Path(cfg.output).absolute() == Path("runs").absolute() else cfg.output)):
+        if value and not (opt == "--format" and value == "auto"):
+            parts += [opt, str(value)]
+    return shlex.join([*parts, "--name", name])
+
+
+def fit_head(cfg: RunConfig, student: Detector, names: list[str], label_map: dict[str, str] | None, exact: bool,
+             say: Warn) -> None:
+    """``--head`` applied to a student built from a checkpoint (:mod:`kdctl.models.labels`): a new head for
+    ``names`` when it lacks one of them (``exact``: when its labels are not exactly ``names``, KD-DETR's pairing
+    rule), or always with ``--head new``; says so in one line."""
+    from kdctl.models.labels import plan_head
+
+    plan = plan_head(names, student.label_names, label_map, cfg.head, exact=exact)
+    if plan is None:
+        return
+    student.replace_head(list(plan.names), plan.keep, keep_background=not plan.fresh)
+    say(plan.message())
 
 
 def build_student(cfg: RunConfig, source: Any, names: list[str], overrides: dict[str, Any], warn: Warn) -> Detector:
@@ -148,13 +186,16 @@ def student_overrides(cfg: RunConfig, student_r: Any, last: Path | None, method_
     return over
 
 
-def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, warn: Warn) -> Models:
+def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, warn: Warn,
+                 info: Warn | None = None) -> Models:
     """Method choice (before any weights load: an unsupported pair is refused at once), teacher, the student's
     recipe, student and distiller, on ``device`` (channels-last when on). ``last``: the checkpoint a resumed run
     continues from."""
     from kdctl.distill.base import choose_method, distiller_class
+    from kdctl.models.labels import check_head_mode
     from kdctl.specs import resolve
 
+    cfg.head = check_head_mode(cfg.head)
     student_r = resolve(cfg.model)
     method, teacher_r = "none", None
     if cfg.task == "distill":
@@ -172,7 +213,11 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     cfg.recipe = recipe
     over = student_overrides(cfg, student_r, last, method_over)
     student = build_student(cfg, str(last) if last is not None else student_r, student_names, over, warn)
-    student.set_classes(data.names, data.label_map)
+    if last is None:  # a resumed run's last/ already has its head
+        exact = dist_cls is not None and dist_cls.same_label_space
+        fit_head(cfg, student, student_names, data.label_map, exact, info or warn)
+    student.set_classes(data.names, data.label_map, hint="; or give the model a head for the data's classes with "
+                        "--head auto" if cfg.head == "keep" else "")
     student.to(device).train()
     cfg.imgsz = cfg.imgsz or student.imgsz
     student.imgsz = int(cfg.imgsz)  # saved with the model: eval, inspect and export use the trained size

@@ -57,10 +57,12 @@ class RunConfig:
     teacher: str | None = None
     method: str = "auto"
     data: str | None = None
+    format: str = "auto"  # --format of the dataset folder: auto (detected), coco, yolo, voc, hf (kdctl.data.coco)
     train_ann: str | None = None
     val_ann: str | None = None
     images: str | None = None
     label_map: str | None = None
+    head: str = "auto"  # --head: auto (a new head when the model lacks a class), keep, new (kdctl.models.labels)
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int | None = None

@@ -96,7 +96,7 @@ class Trainer:
         last = checkpoint_dir(self.resume_from, "last") if self.resume_from else None
         if self.resume_from is not None and last is None:
             raise KdctlError(f"{self.resume_from}: no last/ checkpoint to resume from")
-        m = build_models(cfg, data, device, last, self.report.warn)
+        m = build_models(cfg, data, device, last, self.report.warn, self.report.print)
         self.teacher, self.student, self.distiller, self.method = m.teacher, m.student, m.distiller, m.method
         self.channels_last = m.channels_last
         lo = build_loaders(cfg, data, self.dist, device)

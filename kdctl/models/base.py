@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kdctl.data.batch import Batch
 from kdctl.errors import KdctlError
+from kdctl.models.labels import match_classes, norm_name
 
 
 @dataclass
@@ -72,14 +73,36 @@ class Detector(nn.Module):
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def set_classes(self, dataset_names: list[str], label_map: dict[str, str] | None = None) -> None:
+    def set_classes(self, dataset_names: list[str], label_map: dict[str, str] | None = None, hint: str = "") -> None:
         """Map dataset classes to this model's labels by name (case-insensitive).
 
         ``label_map`` maps a dataset class name to a model label name and overrides the name match.
-        A dataset class the model lacks raises :class:`KdctlError` naming it.
+        A dataset class the model lacks raises :class:`KdctlError` naming it (``hint`` appended to the advice).
         """
-        self._to_model = torch.as_tensor(map_classes(dataset_names, self.label_names, label_map), dtype=torch.long)
+        rows = map_classes(dataset_names, self.label_names, label_map, hint)
+        self._to_model = torch.as_tensor(rows, dtype=torch.long)
         self._dataset_names = list(dataset_names)
+
+    def replace_head(self, names: list[str], keep: dict[int, int], keep_background: bool = True) -> None:
+        """Give the model a new class head for ``names`` (every class head it has, and its config).
+
+        Row ``i`` of the new head is copied from row ``keep[i]`` of the current one (per-class box deltas and
+        per-anchor channels included); the others start as the architecture's own init does.
+        ``keep_background``: copy the background / no-object row too (False: ``--head new``, nothing copied).
+        The dataset mapping is cleared: call :meth:`set_classes` again. See :mod:`kdctl.models.labels`.
+        """
+        names = [str(n) for n in names]
+        if not names:
+            raise KdctlError("a new head needs at least one class")
+        bad = {int(k): int(v) for k, v in keep.items() if not (0 <= k < len(names) and 0 <= v < self.num_classes)}
+        if bad:
+            raise KdctlError(f"head rows out of range: {bad}")
+        self._replace_head(names, {int(k): int(v) for k, v in keep.items()}, keep_background)
+        self.label_names = names
+        self._to_model, self._dataset_names = None, None
+
+    def _replace_head(self, names: list[str], keep: dict[int, int], keep_background: bool) -> None:
+        raise KdctlError(f"{self.architecture}: kdctl cannot replace this model's class head")  # pragma: no cover
 
     @property
     def dataset_names(self) -> list[str] | None:
@@ -241,34 +264,28 @@ def _with_umask(save: Any) -> Any:
     return wrapper
 
 
-def _norm(name: str) -> str:
-    return name.strip().lower()
-
-
-def map_classes(dataset_names: list[str], label_names: list[str], label_map: dict[str, str] | None = None) -> list[int]:
+def map_classes(dataset_names: list[str], label_names: list[str], label_map: dict[str, str] | None = None,
+                hint: str = "") -> list[int]:
     """For each dataset class, the index of the model label with the same name (case-insensitive).
 
     ``label_map`` (dataset name -> model name) overrides the match. Raises KdctlError naming every dataset class
-    the model lacks.
+    the model lacks (``hint``: what else the caller offers, appended to the advice).
     """
-    lookup: dict[str, int] = {}
-    for i, n in enumerate(label_names):
-        lookup.setdefault(_norm(n), i)
-    user = {_norm(k): v for k, v in (label_map or {}).items()}
-    out, missing = [], []
-    for name in dataset_names:
-        target = user.get(_norm(name), name)
-        idx = lookup.get(_norm(target))
+    rows = match_classes(dataset_names, label_names, label_map)
+    user = {norm_name(k): v for k, v in (label_map or {}).items()}
+    missing = []
+    for name, idx in zip(dataset_names, rows, strict=True):
+        target = user.get(norm_name(name), name)
         if idx is None:
             missing.append(name if target == name else f"{name} -> {target}")
-        out.append(-1 if idx is None else idx)
     if missing:
         shown = ", ".join(repr(m) for m in missing)
         have = ", ".join(label_names[:12]) + (", ..." if len(label_names) > 12 else "")
         raise KdctlError(
             f"the model has no label for dataset class(es) {shown} (model labels: {have}); "
-            "map them with --label-map FILE (JSON {\"dataset name\": \"model name\"})"
+            "map them with --label-map FILE (JSON {\"dataset name\": \"model name\"})" + hint
         )
+    out = [int(r) for r in rows if r is not None]
     if len(set(out)) != len(out):
         raise KdctlError("two dataset classes map to the same model label; check --label-map")
     return out

@@ -189,6 +189,18 @@ class TorchvisionDetector(Detector):
             detections = self.model(self._images(batch))
         return [_drop_background(d) for d in detections]
 
+    def _replace_head(self, names: list[str], keep: dict[int, int], keep_background: bool) -> None:
+        """Faster R-CNN's box predictor or RetinaNet's / FCOS' class conv (:mod:`kdctl.models.cnn.heads`); the
+        saved config records the new class count (a weights-enum model is rebuilt with its own head, then this)."""
+        from kdctl.models.cnn.heads import replace_class_head
+
+        rows = {j + 1: i + 1 for j, i in keep.items()}
+        if keep_background:
+            rows[0] = 0
+        replace_class_head(self.model, len(names) + 1, rows)
+        if self.builder == "torchvision":
+            self.config["num_classes"] = len(names) + 1
+
     def info(self) -> dict[str, Any]:
         return {**super().info(), "fpn_strides": self.fpn_strides, "fpn_channels": self.fpn_channels}
 

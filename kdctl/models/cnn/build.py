@@ -24,6 +24,7 @@ from kdctl.errors import KdctlError
 from kdctl.io import first_line
 from kdctl.models.cnn.adapter import WEIGHTS_FILE, TorchvisionDetector
 from kdctl.models.cnn.architectures import ARCHITECTURES
+from kdctl.models.cnn.heads import head_classes, replace_class_head, resize_head_state
 from kdctl.models.cnn.presets import build_preset, check_saved_config, resolve_preset_config
 from kdctl.models.weights import KDCTL_CONFIG, load_safetensors_state, load_state_strict, read_state_file
 
@@ -70,14 +71,27 @@ def _load_torchvision(r: Resolved, label_names: list[str] | None, overrides: dic
 def _load_torchvision_file(
     r: Resolved, path: Path, label_names: list[str] | None, overrides: dict[str, Any]
 ) -> TorchvisionDetector:
-    """``torchvision:NAME:/file.pth``: build without weights, then load the file strictly."""
+    """``torchvision:NAME:/file.pth``: build without weights at the file's class count, then load it strictly.
+
+    Labels: ``label_names`` when the file's head has that many classes, else COCO's when it has COCO's 91, else
+    ``class1`` ... when ``label_names`` are given (a new head for the data's classes is the engine's business,
+    :mod:`kdctl.models.labels`)."""
     name = r.architecture
     state = read_state_file(path)
-    names = list(label_names) if label_names else _coco_names(name)
+    names = _file_labels(state, name, label_names)
     config = {"num_classes": len(names) + 1, **overrides}
     model = _call_builder(name, None, config)
     _load_adapted(model, state, str(path), hint="; pass the label names it was trained on" if not label_names else "")
     return TorchvisionDetector(model, names, name, _default_imgsz(model), builder="torchvision", config=config)
+
+
+def _file_labels(state: dict[str, Tensor], name: str, label_names: list[str] | None) -> list[str]:
+    classes, coco = head_classes(state), _coco_names(name)
+    if label_names and (classes is None or classes == len(label_names) + 1):
+        return list(label_names)
+    if label_names and classes != len(coco) + 1:
+        return [f"class{i}" for i in range(1, classes)]  # unknown names: the engine gives it a new head
+    return coco  # without label names, a head of another size is a load error asking for them
 
 
 def _is_file_spec(weights: str) -> bool:
@@ -236,8 +250,14 @@ def _rebuild_torchvision(
         _load_adapted(model, state, where)
         return model
     member = _weights_member(name, weights)
-    with _serve_state(member, state):
+    classes = config.get("num_classes")  # a new head (kdctl.models.labels): built as the weights', then replaced
+    config = {k: v for k, v in config.items() if k != "num_classes"}
+    own = len(_categories(member)) + 1
+    served = state if classes is None else resize_head_state(state, int(classes), own)
+    with _serve_state(member, served):
         model = _call_builder(name, member, config, served=where)
+    if classes is not None:
+        replace_class_head(model, int(classes), {})
     load_state_strict(model, state, where)
     return model
 

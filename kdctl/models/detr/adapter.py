@@ -312,6 +312,12 @@ class DetrDetector(Detector):
             dets.append(det)
         return dets
 
+    def _replace_head(self, names: list[str], keep: dict[int, int], keep_background: bool) -> None:
+        """Every class head and the config (:mod:`kdctl.models.detr.heads`)."""
+        from kdctl.models.detr.heads import replace_class_heads
+
+        replace_class_heads(self.model, names, keep, self.logit_kind, keep_no_object=keep_background)
+
     # ------------------------------------------------------------------ save
     def save(self, directory: str | Path) -> Path:
         """save_pretrained (safetensors) plus the matching image processor config, loadable offline by
