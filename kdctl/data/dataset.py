@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from kdctl.data.augment import AugmentPipeline
 from kdctl.data.batch import collate
 from kdctl.data.coco import CocoData
 from kdctl.data.images import decode
@@ -23,11 +24,13 @@ class CocoDetection(Dataset):
     applied for the images in ``data.apply_exif``). Crowd annotations are not training targets.
     """
 
-    def __init__(self, data: CocoData, imgsz: int, train: bool, hflip: float = 0.5) -> None:
+    def __init__(self, data: CocoData, imgsz: int, train: bool, hflip: float = 0.5,
+                 augment: AugmentPipeline | None = None) -> None:
         self.data = data
         self.imgsz = imgsz
         self.train = train
         self.transforms = build_transforms(imgsz, train=train, hflip=hflip)
+        self.augment = augment  # the recipe's [augment] pipeline (kdctl.data.augment), used instead when set
         self._cls = data.class_index()
 
     def __len__(self) -> int:
@@ -45,20 +48,21 @@ class CocoDetection(Dataset):
                              "(was it changed after validation?)")
         return img
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``index`` or ``(index, seed)``: with a seed (from :class:`kdctl.engine.sampler.ResumableSampler`) the
-        random augmentation of this sample is a function of the seed alone, whatever worker loads it, which
-        makes training resumable bit for bit."""
-        seed = None
+    def __getitem__(self, index: int | tuple) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``index``, ``(index, seed)`` or ``(index, seed, active, size)``: with a seed (from
+        :class:`kdctl.engine.sampler.ResumableSampler`) the random augmentation of this sample is a function of the
+        seed alone, whatever worker loads it, which makes training resumable bit for bit. ``active`` and ``size``
+        (from :class:`kdctl.data.augment.AugmentBatchSampler`) select the ``[augment]`` pipeline of the batch."""
+        seed, plan = None, ()
         if isinstance(index, tuple):
-            index, seed = index
+            index, seed, *plan = index
         if seed is None:
-            return self._load(index)
+            return self._load(index, tuple(plan))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self._load(index)
+            return self._load(index, tuple(plan))
 
-    def _load(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _load(self, index: int, plan: tuple = ()) -> tuple[torch.Tensor, dict[str, Any]]:
         im = self.data.images[index]
         img = self.load_image(index)
         H, W = img.shape[-2:]
@@ -73,7 +77,10 @@ class CocoDetection(Dataset):
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)),
             "labels": labels,
         }
-        img, target = self.transforms(tv_tensors.Image(img), target)
+        if self.augment is not None:
+            img, target = self.augment(tv_tensors.Image(img), target, *plan)
+        else:
+            img, target = self.transforms(tv_tensors.Image(img), target)
         return img.as_subclass(torch.Tensor), {
             "boxes": target["boxes"].as_subclass(torch.Tensor),
             "labels": target["labels"],
@@ -123,8 +130,14 @@ def make_loader(
     sampler: torch.utils.data.Sampler | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
+    batch_sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader that collates into :class:`kdctl.data.batch.Batch` (see :class:`DetectionLoader`)."""
+    """A DataLoader that collates into :class:`kdctl.data.batch.Batch` (see :class:`DetectionLoader`); with a
+    ``batch_sampler`` (e.g. :class:`kdctl.data.augment.AugmentBatchSampler`) it replaces ``batch_size``,
+    ``sampler`` and ``shuffle``."""
+    if batch_sampler is not None:
+        return DetectionLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                               generator=generator, pin_memory=pin_memory, persistent_workers=workers > 0)
     return DetectionLoader(
         dataset,
         batch_size=batch_size,
@@ -137,3 +150,12 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
     )
+
+
+def shutdown_workers(loader: DataLoader | None) -> None:
+    """Stop a loader's persistent worker processes now, in this process (not at garbage collection, possibly in a
+    fork)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None

@@ -12,10 +12,14 @@ encoder memory, and distils the predictions slot by slot (no Hungarian matching)
   top-k proposals of a two-stage teacher). The targets are the teacher's normal detection outputs. Deformable DETR
   ("embed2" queries, whose reference points come from each model's own head): the student decodes the teacher's
   query embeddings at the TEACHER's reference points (``teacher_taps["reference_points"]``), so that both models
-  decode the same point, the method's premise (the TPRD port does the same).
+  decode the same point, the method's premise (the TPRD port does the same). RT-DETR ("proposal" queries: a
+  pre-sigmoid box whose content each model builds from its OWN encoder memory): the teacher's top-k proposals per
+  image; the student reads their content at the teacher's memory positions when the two memory layouts match (same
+  feature sizes), by bilinear sampling at the box centres otherwise (:meth:`KDDETR.memory_index`).
 * general points: ``num_general`` random queries drawn fresh every step with :func:`sample_queries` (shared by
   teacher and student, no gradient). The teacher decodes them in :meth:`KDDETR.teacher_taps`. Deformable DETR:
   each model derives the reference points of these random embeddings with its own head (as the TPRD port).
+  RT-DETR: random boxes, each model sampling its own memory at their centres. Denoising queries never enter a tap.
 
 Switches (``[kd.kd-detr]``, ablations of the paper): ``specific`` / ``general`` (either group off; not both),
 ``num_general`` (general points per step, default 300 as the reference), ``general_distribution`` ("normal": N(0, 1)
@@ -77,7 +81,6 @@ for that reason (torchvision's ``generalized_box_iou_loss`` indexes with a boole
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -93,6 +96,8 @@ from kdctl.distill.kd_detr_modules import (
     box_l1,
     class_divergence,
     foreground_weight,
+    query_stats,
+    sample_queries,
 )
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
@@ -104,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
 """Recipe keys of ``[kd.kd-detr]`` and their defaults."""
 GROUPS = ("specific", "general")
 __all__ = ["DEFAULTS", "KDDETR", "KDDetrModel", "QueryProjection", "binary_scale", "box_l1", "check_pair",
-           "class_divergence", "foreground_weight", "giou_loss", "sample_queries"]
+           "class_divergence", "foreground_weight", "giou_loss", "query_stats", "sample_queries"]
 
 
 # =========================================================================== what KD-DETR needs from a DETR
@@ -156,50 +161,15 @@ class KDDetrModel(Protocol):
         """Taps of a normal forward: logits, boxes, queries, reference_points, memory, decoder_kwargs."""
         ...
 
-    def decode(self, taps: dict[str, Any], queries: Tensor) -> dict[str, Tensor]: ...
+    def decode(self, taps: dict[str, Any], queries: Tensor, memory_index: Tensor | None = None
+               ) -> dict[str, Tensor]: ...
 
     def decode_groups(self, taps: dict[str, Any], groups: list[Tensor],
-                      reference_points: list[Tensor | None] | None = None) -> list[dict[str, Tensor]]:
-        """Each query group in its own decoder pass over the taps' memory; optional reference points per group."""
+                      reference_points: list[Tensor | None] | None = None,
+                      memory_index: list[Tensor | None] | None = None) -> list[dict[str, Tensor]]:
+        """Each query group in its own decoder pass over the taps' memory; optional reference points per group;
+        "proposal" queries: optional memory positions per group to read the content at (else the box centres)."""
         ...
-
-
-# =========================================================================== general distillation points
-def sample_queries(model: KDDetrModel, n: int, *, generator: torch.Generator | None = None,
-                   distribution: str = "normal", device: torch.device | str | None = None) -> Tensor:
-    """[n, D] random "general distillation points" in ``model``'s query format.
-
-    anchor4: "normal" draws pre-sigmoid anchors from N(0, 1) (the KD-DETR reference code); "uniform" draws
-    boxes uniformly in [0, 1] after sigmoid (the paper) and returns their logits. embed / embed2: each part
-    ([position] or [position | content]) is drawn with the mean and standard deviation of the model's own
-    learned queries ("normal": Gaussian, "uniform": uniform with the same mean and variance).
-    """
-    if distribution not in ("normal", "uniform"):
-        raise KdctlError(f"unknown query distribution {distribution!r}; use 'normal' or 'uniform'")
-    draw_on = generator.device if generator is not None else torch.device(device or "cpu")
-    shape = (int(n), model.query_dim)
-    if distribution == "normal":
-        z = torch.randn(shape, generator=generator, device=draw_on)
-    else:
-        z = torch.rand(shape, generator=generator, device=draw_on)
-    if model.query_kind == "anchor4":
-        out = z if distribution == "normal" else torch.logit(z.clamp(1e-4, 1 - 1e-4))
-    else:
-        if distribution == "uniform":
-            z = (z - 0.5) * math.sqrt(12.0)  # zero mean, unit variance
-        mean, std = query_stats(model)
-        out = z * std.to(draw_on) + mean.to(draw_on)
-    return out.to(device or draw_on)
-
-
-@torch.no_grad()
-def query_stats(model: KDDetrModel) -> tuple[Tensor, Tensor]:
-    """Mean and std [D] of the learned queries: one value per concatenated part, repeated over its dims."""
-    q = model.learned_queries().detach().float()
-    chunks = q.chunk(model.query_parts, dim=-1)
-    mean = torch.cat([c.mean().expand(c.shape[-1]) for c in chunks])
-    std = torch.cat([c.std().clamp_min(1e-6).expand(c.shape[-1]) for c in chunks])
-    return mean, std  # on the model's device: no host sync
 
 
 # =========================================================================== the method
@@ -288,7 +258,8 @@ class KDDETR(Distiller):
         """
         taps = self.teacher.forward_taps(batch)
         out = {"logits": taps["logits"], "boxes": taps["boxes"], "queries": taps["queries"],
-               "reference_points": taps.get("reference_points")}
+               "reference_points": taps.get("reference_points"), "query_index": taps.get("query_index"),
+               "memory_layout": taps.get("memory_layout")}
         if self.use_general:
             memory = taps["memory"]
             q = sample_queries(self.teacher, self.num_general, distribution=self.distribution, device=memory.device)
@@ -319,20 +290,36 @@ class KDDETR(Distiller):
             out["general"] = None
         return out
 
+    def memory_index(self, teacher_taps: dict[str, Any], student_taps: dict[str, Any]) -> dict[str, Tensor | None]:
+        """Per group, where the student reads the content of "proposal" queries (RT-DETR) from its OWN memory: the
+        specific points at the teacher's top-k memory positions when both memory layouts match (same feature sizes),
+        else (and for the general points) by bilinear sampling at the box centres."""
+        layout = teacher_taps.get("memory_layout")
+        same = layout is not None and layout == student_taps.get("memory_layout")
+        out: dict[str, Tensor | None] = {}
+        if self.use_specific:
+            out["specific"] = teacher_taps.get("query_index") if same else None
+        if self.use_general:
+            out["general"] = None
+        return out
+
     def student_queries(self, queries: Tensor) -> Tensor:
         """Teacher-format queries (detached) -> the student's format (through the projection, if any)."""
         queries = queries.detach()
         return queries if self.projection is None else self.projection(queries)
 
     def student_outputs(self, student_taps: dict[str, Any], queries: dict[str, Tensor],
-                        reference_points: dict[str, Tensor | None] | None = None) -> dict[str, dict[str, Tensor]]:
+                        reference_points: dict[str, Tensor | None] | None = None,
+                        memory_index: dict[str, Tensor | None] | None = None) -> dict[str, dict[str, Tensor]]:
         """The student's ``{"logits": [L, N, G, C'], "boxes": [L, N, G, 4]}`` per group, every group in its own
         decoder pass over the student's recorded memory (one batched call when the groups have equal sizes);
         reference_points: per group None (the student's own) or the points to decode at (:meth:`reference_points`)."""
         names = list(queries)
         refs = [(reference_points or {}).get(n) for n in names]
         refs = [None if r is None else r.detach() for r in refs]
-        outs = self.student.decode_groups(student_taps, [self.student_queries(queries[n]) for n in names], refs)
+        index = [(memory_index or {}).get(n) for n in names]
+        outs = self.student.decode_groups(student_taps, [self.student_queries(queries[n]) for n in names], refs,
+                                          memory_index=index)
         return dict(zip(names, outs, strict=True))
 
     # ------------------------------------------------------------------ loss
@@ -353,7 +340,8 @@ class KDDETR(Distiller):
         """Weighted ``{"kd_cls", "kd_l1", "kd_giou"}``, summed over the distillation groups."""
         groups = self.groups(teacher_taps)
         outs = self.student_outputs(student_out.taps, {n: g[0] for n, g in groups.items()},
-                                    self.reference_points(teacher_taps))
+                                    self.reference_points(teacher_taps),
+                                    self.memory_index(teacher_taps, student_out.taps))
         totals = [torch.zeros((), device=batch.device) for _ in range(3)]
         for name, (_, t_logits, t_boxes) in groups.items():
             for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes)):

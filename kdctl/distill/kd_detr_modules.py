@@ -6,9 +6,14 @@ learned :class:`QueryProjection` between embedding queries of different hidden s
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kdctl.errors import KdctlError
 
 EPS = 1e-6
 
@@ -87,3 +92,41 @@ class QueryProjection(nn.Module):
 
     def forward(self, q: Tensor) -> Tensor:
         return torch.cat([lin(c) for lin, c in zip(self.parts, q.chunk(self.num_parts, dim=-1), strict=True)], -1)
+
+
+# =========================================================================== general distillation points
+def sample_queries(model: Any, n: int, *, generator: torch.Generator | None = None,
+                   distribution: str = "normal", device: torch.device | str | None = None) -> Tensor:
+    """[n, D] random "general distillation points" in ``model``'s query format.
+
+    anchor4: "normal" draws pre-sigmoid anchors from N(0, 1) (the KD-DETR reference code); "uniform" draws
+    boxes uniformly in [0, 1] after sigmoid (the paper) and returns their logits. embed / embed2: each part
+    ([position] or [position | content]) is drawn with the mean and standard deviation of the model's own
+    learned queries ("normal": Gaussian, "uniform": uniform with the same mean and variance).
+    """
+    if distribution not in ("normal", "uniform"):
+        raise KdctlError(f"unknown query distribution {distribution!r}; use 'normal' or 'uniform'")
+    draw_on = generator.device if generator is not None else torch.device(device or "cpu")
+    shape = (int(n), model.query_dim)
+    if distribution == "normal":
+        z = torch.randn(shape, generator=generator, device=draw_on)
+    else:
+        z = torch.rand(shape, generator=generator, device=draw_on)
+    if model.query_kind in ("anchor4", "proposal"):  # boxes before the sigmoid
+        out = z if distribution == "normal" else torch.logit(z.clamp(1e-4, 1 - 1e-4))
+    else:
+        if distribution == "uniform":
+            z = (z - 0.5) * math.sqrt(12.0)  # zero mean, unit variance
+        mean, std = query_stats(model)
+        out = z * std.to(draw_on) + mean.to(draw_on)
+    return out.to(device or draw_on)
+
+
+@torch.no_grad()
+def query_stats(model: Any) -> tuple[Tensor, Tensor]:
+    """Mean and std [D] of the learned queries: one value per concatenated part, repeated over its dims."""
+    q = model.learned_queries().detach().float()
+    chunks = q.chunk(model.query_parts, dim=-1)
+    mean = torch.cat([c.mean().expand(c.shape[-1]) for c in chunks])
+    std = torch.cat([c.std().clamp_min(1e-6).expand(c.shape[-1]) for c in chunks])
+    return mean, std  # on the model's device: no host sync

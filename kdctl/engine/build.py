@@ -21,9 +21,16 @@ import torch
 from torch import nn
 
 from kdctl.engine.config import RunConfig, apply_recipe, default_recipe_name, effective_lr, load_recipe, lr_lambda
+from kdctl.engine.ema import ModelEMA, build_ema
 from kdctl.engine.objective import Objective
 from kdctl.engine.optim import build_optimizer
-from kdctl.engine.precision import amp_dtype, teacher_amp_dtype, to_channels_last, use_channels_last
+from kdctl.engine.precision import (
+    amp_dtype,
+    prepare_device,
+    teacher_amp_dtype,
+    to_channels_last,
+    use_channels_last,
+)
 from kdctl.errors import BackboneWeightsUnavailable, KdctlError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +61,7 @@ class Models:
     method: str
     recipe: str
     channels_last: bool
+    trainable: dict[str, Any] | None = None  # which student parameters train (:func:`trainable_summary`)
 
 
 @dataclass
@@ -84,6 +92,7 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    ema: ModelEMA | None = None  # the student's weight average (``[train] ema``), updated after each step
 
 
 def open_data(cfg: RunConfig, warn: Warn) -> Data:
@@ -105,7 +114,8 @@ def open_data(cfg: RunConfig, warn: Warn) -> Data:
 
 
 def build_teacher(cfg: RunConfig, teacher_r: Any, data: Data, device: str) -> Detector:
-    """The teacher, on ``device``, frozen, in eval mode, its labels mapped to the data's classes. A teacher that
+    """The teacher, on ``device``, frozen, in eval mode, its frozen BatchNorms folded into its convolutions
+    (:mod:`kdctl.engine.fold`), its labels mapped to the data's classes. A teacher that
     lacks one of them is refused with the ``kdctl train`` command that fine-tunes it on the data first."""
     from kdctl.models.labels import match_classes
     from kdctl.specs import load_detector
@@ -121,6 +131,10 @@ def build_teacher(cfg: RunConfig, teacher_r: Any, data: Data, device: str) -> De
             f"`{teacher_command(cfg)}` and pass that run as --teacher")
     teacher.set_classes(data.names, data.label_map)
     teacher.eval().requires_grad_(False).to(device)
+    if cfg.fold_teacher_norms:
+        from kdctl.engine.fold import fold_teacher
+
+        fold_teacher(teacher, device)  # its frozen BatchNorms into its convolutions: same outputs, faster (#22)
     return teacher
 
 
@@ -196,6 +210,7 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     from kdctl.specs import resolve
 
     cfg.head = check_head_mode(cfg.head)
+    prepare_device(device)  # CUDA: this run's own peak memory, cudnn.benchmark
     student_r = resolve(cfg.model)
     method, teacher_r = "none", None
     if cfg.task == "distill":
@@ -218,6 +233,10 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
         fit_head(cfg, student, student_names, data.label_map, exact, info or warn)
     student.set_classes(data.names, data.label_map, hint="; or give the model a head for the data's classes with "
                         "--head auto" if cfg.head == "keep" else "")
+    if student.family == "detr" and cfg.freeze_backbone_stages:
+        from kdctl.models.detr import freeze_backbone_stages
+
+        freeze_backbone_stages(student.model, int(cfg.freeze_backbone_stages))
     student.to(device).train()
     cfg.imgsz = cfg.imgsz or student.imgsz
     student.imgsz = int(cfg.imgsz)  # saved with the model: eval, inspect and export use the trained size
@@ -228,12 +247,37 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     if channels_last:
         to_channels_last(teacher, student, distiller)
     return Models(teacher=teacher, student=student, distiller=distiller, method=method, recipe=recipe,
-                  channels_last=channels_last)
+                  channels_last=channels_last, trainable=trainable_summary(student))
 
 
-def build_loaders(cfg: RunConfig, data: Data, dist: DistInfo, device: str) -> Loaders:
+def trainable_summary(model: nn.Module) -> dict[str, Any]:
+    """Which parameters train, for ``config.toml``: counts, and the frozen ones as the outermost modules whose
+    parameters are all frozen."""
+    params = dict(model.named_parameters())
+    frozen: list[str] = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters()]
+        if not own or any(p.requires_grad for p in own) or any(name.startswith(f + ".") for f in frozen):
+            continue
+        frozen.append(name)
+    return {"parameters": sum(p.numel() for p in params.values() if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in params.values()),
+            "tensors": sum(p.requires_grad for p in params.values()), "frozen": frozen}
+
+
+def pad_stride(models: Models) -> int:
+    """The multiple a batch is padded to: the largest any of the run's models needs (1: none)."""
+    return max(int(getattr(m, "pad_stride", 32)) for m in (models.student, models.teacher) if m is not None)
+
+
+def build_loaders(cfg: RunConfig, data: Data, dist: DistInfo, device: str, stride: int = 32) -> Loaders:
     """Loaders of a per-rank share of the global batch, augmentation seeded per sample (exact resume); fills
-    ``cfg.batch_size`` (8) and ``cfg.epochs`` (12) when neither they nor --max-steps are set."""
+    ``cfg.batch_size`` (8) and ``cfg.epochs`` (12) when neither they nor --max-steps are set. ``stride``: the
+    multiple batches are padded to (:func:`pad_stride` of the run's models)."""
+    import functools
+
+    from kdctl.data.augment import AugmentBatchSampler, AugmentPipeline, parse_augment, resolve_stop_epoch
+    from kdctl.data.batch import collate
     from kdctl.data.dataset import CocoDetection, make_loader
     from kdctl.engine.sampler import ResumableSampler
 
@@ -242,30 +286,38 @@ def build_loaders(cfg: RunConfig, data: Data, dist: DistInfo, device: str) -> Lo
         raise KdctlError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
     per_rank = cfg.batch_size // dist.world
     pin = device.startswith("cuda")
-    train_set = CocoDetection(data.train, cfg.imgsz, train=True, hflip=cfg.hflip)
+    plan = parse_augment(cfg.augment)  # None without an [augment] table: the plain pipeline, as before
+    aug = AugmentPipeline(plan, cfg.imgsz, cfg.hflip) if plan is not None else None
+    train_set = CocoDetection(data.train, cfg.imgsz, train=True, hflip=cfg.hflip, augment=aug)
     sampler = ResumableSampler(len(train_set), seed=cfg.seed, rank=dist.rank, world=dist.world)
-    # the loaders get their own generators: creating an iterator must not consume the global RNG (exact resume)
-    loader = make_loader(train_set, per_rank, shuffle=False, sampler=sampler, workers=cfg.workers, pin_memory=pin,
-                         generator=torch.Generator().manual_seed(cfg.seed))
-    val_set = CocoDetection(data.val, cfg.imgsz, train=False)
-    val_sampler = ResumableSampler(len(val_set), shuffle=False, rank=dist.rank, world=dist.world)
-    val_loader = make_loader(val_set, per_rank, shuffle=False, sampler=val_sampler, workers=cfg.workers,
-                             pin_memory=pin, generator=torch.Generator().manual_seed(0))
     batches = math.ceil(sampler.per_rank() / per_rank)
     steps = max(1, batches // cfg.grad_accum)
     if cfg.max_steps is None and cfg.epochs is None:
         cfg.epochs = 12
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps
+    epochs = math.ceil(total / steps)
+    # per-batch augmentation (multi-scale size, stop epoch) is drawn by the batch sampler (kdctl.data.augment)
+    batch_sampler = None if plan is None else AugmentBatchSampler(
+        sampler, per_rank, plan.sizes(cfg.imgsz), resolve_stop_epoch(plan.stop_epoch, epochs))
+    # the loaders get their own generators: creating an iterator must not consume the global RNG (exact resume)
+    loader = make_loader(train_set, per_rank, shuffle=False, sampler=sampler, workers=cfg.workers, pin_memory=pin,
+                         generator=torch.Generator().manual_seed(cfg.seed), batch_sampler=batch_sampler)
+    val_set = CocoDetection(data.val, cfg.imgsz, train=False)
+    val_sampler = ResumableSampler(len(val_set), shuffle=False, rank=dist.rank, world=dist.world)
+    val_loader = make_loader(val_set, per_rank, shuffle=False, sampler=val_sampler, workers=cfg.workers,
+                             pin_memory=pin, generator=torch.Generator().manual_seed(0))
+    for dl in (loader, val_loader):  # padding only where a model needs it (#22)
+        dl.collate_fn = functools.partial(collate, stride=stride)
     return Loaders(train_set=train_set, sampler=sampler, loader=loader, val_set=val_set, val_sampler=val_sampler,
                    val_loader=val_loader, batches_per_epoch=batches, steps_per_epoch=steps, total_steps=total,
-                   epochs=math.ceil(total / steps))
+                   epochs=epochs)
 
 
 def build_optimisation(cfg: RunConfig, models: Models, dist: DistInfo, device: str,
                        total_steps: int) -> Optimisation:
     """Autocast dtypes (student ``--amp``, teacher ``--teacher-amp``), the objective (wrapped in DDP when
     distributed), the recipe's optimiser with its lr (scaled as the recipe says), warm-up + step schedule and the
-    fp16 gradient scaler."""
+    fp16 gradient scaler, and the EMA of the student when ``cfg.ema`` asks for one."""
     amp = amp_dtype(cfg.amp, device)
     teacher_amp = teacher_amp_dtype(cfg.teacher_amp, device, amp) if models.teacher is not None else None
     objective = Objective(models.student, models.distiller, teacher_amp=teacher_amp)
@@ -282,4 +334,4 @@ def build_optimisation(cfg: RunConfig, models: Models, dist: DistInfo, device: s
         optimizer, lr_lambda(total_steps, o["warmup_steps"], o["warmup_factor"], o["milestones"], o["gamma"]))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     return Optimisation(amp=amp, teacher_amp=teacher_amp, objective=objective, model=model, lr=lr,
-                        optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=build_ema(cfg.ema, models.student))

@@ -75,6 +75,8 @@ class RunConfig:
     amp: str = "auto"
     teacher_amp: str = "auto"  # the teacher's forward precision (see kdctl.engine.trainer.teacher_amp_dtype)
     channels_last: bool | None = None  # NHWC convolutions; None = auto (see kdctl.engine.trainer.use_channels_last)
+    freeze_backbone_stages: int | None = None  # [train] key: a pretrained DETR backbone's stem + N stages frozen
+    fold_teacher_norms: bool = True  # the teacher's frozen BatchNorms folded into its convolutions (kdctl.engine.fold)
     eval_every: int = 1
     log_every: int = 10
     save_every_steps: int | None = None  # last/ every N steps as well as every epoch; None = auto, 0 = epochs only
@@ -86,6 +88,8 @@ class RunConfig:
     backbone_weights: str | None = None  # a local ImageNet state dict for a preset student's backbone
     trust_remote_code: bool = False
     hflip: float = 0.5
+    ema: dict[str, Any] = field(default_factory=dict)  # {decay, warmups}, decay 0 = off (kdctl.engine.ema)
+    augment: dict[str, Any] = field(default_factory=dict)  # the recipe's [augment] table (kdctl.data.augment)
     optim: dict[str, Any] = field(default_factory=dict)
     kd: dict[str, Any] = field(default_factory=dict)
 
@@ -142,6 +146,12 @@ def default_recipe_name(architecture: str, family: str) -> str:
         declared = recipe_for(architecture, have)
         if declared:
             return declared
+    if family == "detr":
+        from kdctl.models.detr.variants import recipe_for as detr_recipe
+
+        declared = detr_recipe(architecture)
+        if declared in have:
+            return declared
     return family if family in have else "cnn"
 
 
@@ -155,11 +165,17 @@ def _deep_update(dst: dict, src: dict) -> dict:
 
 
 def apply_recipe(cfg: RunConfig, recipe: dict[str, Any]) -> RunConfig:
-    """Fill the options the user left unset from the recipe (train table, optimiser, KD weights)."""
+    """Fill the options the user left unset from the recipe (train table, EMA, augmentation, optimiser, KD
+    weights). A resumed run's own ``ema`` and ``augment`` (from its ``config.toml``) win over the recipe's."""
+    from kdctl.engine.ema import ema_settings
+
     train = recipe.get("train", {})
-    for key in ("epochs", "batch_size", "imgsz"):
+    for key in ("epochs", "batch_size", "imgsz", "freeze_backbone_stages"):
         if getattr(cfg, key) is None and key in train:
             setattr(cfg, key, train[key])
+    cfg.ema = ema_settings({**ema_settings(train.get("ema")), **cfg.ema})
+    if not cfg.augment:
+        cfg.augment = copy.deepcopy(recipe.get("augment", {}))
     optim = dict(DEFAULT_OPTIM)
     optim.update(recipe.get("optim", {}))
     optim.update(cfg.optim)  # explicit values (e.g. from a resumed config) win

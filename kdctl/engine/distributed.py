@@ -15,6 +15,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: bool = False  # a process group is initialised (torchrun, also with one process)
 
     @property
     def is_main(self) -> bool:
@@ -22,16 +23,17 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.group
 
 
 def setup(device: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+    """Initialise the process group when launched by torchrun (also ``--nproc-per-node 1``: DDP and nccl then run
+    as with several processes); no-op otherwise.
 
     Returns the rank information. On CUDA, each process uses ``cuda:LOCAL_RANK``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -39,7 +41,7 @@ def setup(device: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world=world, local_rank=local)
+    return DistInfo(rank=rank, world=world, local_rank=local, group=True)
 
 
 def teardown() -> None:

@@ -36,7 +36,7 @@ class Objective(nn.Module):
         return taps if outer or self.teacher_amp is None else to_float32(taps)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        out = self.student.forward_train(batch)
+        out = self.student.forward_train(batch, taps=self.distiller is not None)  # no KD taps in plain training
         terms = dict(out.losses)
         if self.distiller is not None:
             terms.update(self.distiller(out, self.teacher_taps(batch), batch))

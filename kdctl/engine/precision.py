@@ -76,6 +76,15 @@ def to_channels_last(*modules: nn.Module | None) -> None:
             m.to(memory_format=torch.channels_last)
 
 
+def prepare_device(device: str) -> None:
+    """Per run, on CUDA: start the peak-memory count afresh (a process that runs several runs reports each run's
+    own peak) and let cuDNN pick its fastest kernels per input shape (``cudnn.benchmark``; batches are padded to
+    a few sizes, multiples of 32 up to ``imgsz``), unless the caller asked for deterministic cuDNN."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20

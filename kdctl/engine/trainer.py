@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from kdctl.data.batch import Batch
+from kdctl.data.dataset import shutdown_workers
 from kdctl.engine import distributed as D
-from kdctl.engine.build import build_loaders, build_models, build_optimisation, open_data
+from kdctl.engine.build import build_loaders, build_models, build_optimisation, open_data, pad_stride
 from kdctl.engine.checkpoint import (
     checkpoint_dir,
     clean_stale_temps,
@@ -33,6 +34,7 @@ from kdctl.engine.checkpoint import (
     set_rng_state,
 )
 from kdctl.engine.config import RunConfig, read_config, save_interval, write_config
+from kdctl.engine.ema import evaluated_model
 from kdctl.engine.precision import dtype_name, peak_memory_mb
 from kdctl.engine.progress import MetricsLog, Reporter, final_rows, percent, plot
 from kdctl.engine.runlock import RunLock
@@ -98,8 +100,8 @@ class Trainer:
             raise KdctlError(f"{self.resume_from}: no last/ checkpoint to resume from")
         m = build_models(cfg, data, device, last, self.report.warn, self.report.print)
         self.teacher, self.student, self.distiller, self.method = m.teacher, m.student, m.distiller, m.method
-        self.channels_last = m.channels_last
-        lo = build_loaders(cfg, data, self.dist, device)
+        self.channels_last, self.trainable = m.channels_last, m.trainable
+        lo = build_loaders(cfg, data, self.dist, device, pad_stride(m))
         self.train_set, self.sampler, self.loader = lo.train_set, lo.sampler, lo.loader
         self.val_set, self.val_sampler, self.val_loader = lo.val_set, lo.val_sampler, lo.val_loader
         self.batches_per_epoch, self.steps_per_epoch = lo.batches_per_epoch, lo.steps_per_epoch
@@ -108,6 +110,7 @@ class Trainer:
         o = build_optimisation(cfg, m, self.dist, device, self.total_steps)
         self.amp, self.teacher_amp, self.objective, self.model = o.amp, o.teacher_amp, o.objective, o.model
         self.lr, self.optimizer, self.scheduler, self.scaler = o.lr, o.optimizer, o.scheduler, o.scaler
+        self.ema = o.ema  # with EMA: evaluation and best/ use its weights, last/ the raw ones and its state
         self.pos, self.best_ap, self.nonfinite = Position(), -1.0, 0
         if last is not None:
             self._load_state(load_trainer_state(last))
@@ -144,7 +147,7 @@ class Trainer:
             "channels_last": self.channels_last, "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "save_every_steps": self.save_every,
             "student": self.student.architecture, "teacher": self.teacher.architecture if self.teacher else "",
-            "classes": list(names),
+            "classes": list(names), "trainable": self.trainable,
         }
 
     # ------------------------------------------------------------------ state
@@ -154,7 +157,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "distiller": self.distiller.state_dict() if self.distiller is not None else {},
-            "rng": rng,
+            "ema": self.ema.state_dict() if self.ema is not None else {}, "rng": rng,
             "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
             "best_ap": self.best_ap, "nonfinite": self.nonfinite,
         }
@@ -165,6 +168,8 @@ class Trainer:
         self.scaler.load_state_dict(s["scaler"])
         if self.distiller is not None and s.get("distiller"):
             self.distiller.load_state_dict(s["distiller"])
+        if self.ema is not None and s.get("ema"):
+            self.ema.load_state_dict(s["ema"])
         self.pos = Position(step=int(s["step"]), epoch=int(s["epoch"]), batch=int(s["batch"]))
         self.best_ap = float(s.get("best_ap", -1.0))
         self.nonfinite = int(s.get("nonfinite", 0))
@@ -181,18 +186,11 @@ class Trainer:
             self.setup()
             return self._run()
         finally:
-            self._close_loaders()
+            for loader in (getattr(self, "loader", None), getattr(self, "val_loader", None)):
+                shutdown_workers(loader)
             D.teardown()
             if self.lock is not None:
                 self.lock.release()
-
-    def _close_loaders(self) -> None:
-        """Stop persistent loader workers now, in this process (not at garbage collection, possibly in a fork)."""
-        for name in ("loader", "val_loader"):
-            it = getattr(getattr(self, name, None), "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-                getattr(self, name)._iterator = None
 
     def _run(self) -> RunResult:
         cfg, main = self.cfg, self.dist.is_main
@@ -217,10 +215,10 @@ class Trainer:
         try:
             while self.pos.step < self.total_steps:
                 epoch = self.pos.epoch
-                self.sampler.set_epoch(epoch, start=self.pos.batch * self.loader.batch_size)
+                self.sampler.set_epoch(epoch, start=self.pos.batch * self.loader.batch_sampler.batch_size)
                 self._epoch_total = self._batches_this_epoch()
                 self.report.start_epoch(epoch, self.epochs, self._epoch_total, self.pos.batch)
-                self.optimizer.zero_grad(set_to_none=True)
+                self._stale_grads = True
                 micro = 0
                 t0 = time.perf_counter()
                 for batch in self.loader:
@@ -283,13 +281,14 @@ class Trainer:
         with torch.autocast(dev_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             terms = self.model(batch)
         total = sum(terms.values())
+        if getattr(self, "_stale_grads", True):  # zeroed here, not after the step: no page faults (#22)
+            self.optimizer.zero_grad(set_to_none=True)
+        self._stale_grads = False
         self.scaler.scale(total / self.cfg.grad_accum).backward()
         finite = torch.isfinite(total.detach())
         self._finite = finite if getattr(self, "_finite", None) is None else self._finite & finite
-        pending = getattr(self, "_pending", None)
-        if pending is None:
-            pending = self._pending = []
-        pending.append({"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}})
+        self._pending = getattr(self, "_pending", None) or []
+        self._pending.append({"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}})
         return terms
 
     def _optimizer_step(self, window: dict[str, list[Tensor]]) -> None:
@@ -298,7 +297,7 @@ class Trainer:
         pending, self._pending, self._finite = self._pending, None, None
         if not finite:
             self.nonfinite += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            self._stale_grads = True
             self.report.warn(f"non-finite loss at step {self.pos.step + 1}; step skipped "
                              f"({self.nonfinite}/{MAX_NONFINITE} in a row)")
             if self.nonfinite >= MAX_NONFINITE:
@@ -319,8 +318,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._stale_grads = True  # zeroed before the next backward (_micro_step)
         self.scheduler.step()
+        if self.ema is not None:  # after each optimiser step, as the official ModelEMA
+            self.ema.update(self.student)
         self.pos.step += 1
 
     def _log(self, window: dict[str, list[Tensor]], dt: float, epoch: int) -> None:
@@ -353,10 +354,9 @@ class Trainer:
         and saves ``best/`` when the AP improved and the weights are finite."""
         from kdctl.engine.evaluate import coco_eval, predict_coco
 
-        self.student.eval()
+        model = evaluated_model(self.ema, self.student).eval()
         t0 = time.perf_counter()
-        results, _ = predict_coco(self.student, self.val_loader, self.val_data.cat_ids, self.device,
-                                  amp_dtype=self.amp)
+        results, _ = predict_coco(model, self.val_loader, self.val_data.cat_ids, self.device, amp_dtype=self.amp)
         self.student.train()
         if self.dist.enabled:  # gather on every rank; padding duplicates are dropped by image id below
             results = D.merge_by_image(D.gather_objects(results, self.dist))
@@ -376,10 +376,10 @@ class Trainer:
         if final:
             write_json(self.run_dir / "eval" / "predictions.json", results)
         ap = row["AP"]
-        finite = all(torch.isfinite(p).all() for p in self.student.parameters())
+        finite = all(torch.isfinite(p).all() for p in evaluated_model(self.ema, self.student).parameters())
         if ap > self.best_ap and finite:
             self.best_ap = ap
-            save_checkpoint(self.run_dir / "best", self.student, None)
+            save_checkpoint(self.run_dir / "best", evaluated_model(self.ema, self.student), None)
             write_json(self.run_dir / "eval" / "best.json", row)
         elif not finite:
             self.report.warn("non-finite weights: not saved as best")

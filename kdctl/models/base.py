@@ -63,6 +63,7 @@ class Detector(nn.Module):
         self.label_names = list(label_names)
         self.architecture = architecture
         self.imgsz = int(imgsz)
+        self.pad_stride = 32  # what the collated batch is padded to a multiple of (1: the model needs none)
         self.source = ""  # the spec string it was loaded from, for reports
         # dataset class index -> index into label_names (None until set_classes is called)
         self._to_model: Tensor | None = None
@@ -124,11 +125,12 @@ class Detector(nn.Module):
         return out, out >= 0
 
     # ------------------------------------------------------------------ contract
-    def forward_train(self, batch: Batch) -> TrainOutput:
-        """Training forward: losses and KD taps from one pass (the model must be in train mode)."""
-        return self._forward_train(batch)
+    def forward_train(self, batch: Batch, taps: bool = True) -> TrainOutput:
+        """Training forward: losses and KD taps from one pass (the model must be in train mode); ``taps=False``
+        (plain ``kdctl train``) records none and returns empty taps."""
+        return self._forward_train(batch, taps)
 
-    def _forward_train(self, batch: Batch) -> TrainOutput:  # pragma: no cover - abstract
+    def _forward_train(self, batch: Batch, taps: bool = True) -> TrainOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward_taps(self, batch: Batch) -> dict[str, Any]:  # pragma: no cover - abstract

@@ -21,6 +21,8 @@ HF_MODEL_TYPES: dict[str, str] = {
     "dab-detr": "detr",
     "deformable_detr": "detr",
     "table-transformer": "detr",
+    "rt_detr": "detr",
+    "rt_detr_v2": "detr",
 }
 
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)

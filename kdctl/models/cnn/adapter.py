@@ -106,6 +106,7 @@ class TorchvisionDetector(Detector):
         self.config = dict(config or {})
         self.weights = weights
         self._strides = _probe_strides(model.backbone)
+        self.pad_stride = 1  # the unpadded images go in; torchvision's transform pads to its own size_divisible
 
     # ------------------------------------------------------------------ KD geometry
     @property
@@ -158,10 +159,13 @@ class TorchvisionDetector(Detector):
         }
 
     # ------------------------------------------------------------------ contract
-    def _forward_train(self, batch: Batch) -> TrainOutput:
-        """One training pass: the model's own losses and the FPN taps recorded by hooks (one backbone pass)."""
+    def _forward_train(self, batch: Batch, taps: bool = True) -> TrainOutput:
+        """One training pass: the model's own losses and the FPN taps recorded by hooks (one backbone pass);
+        ``taps=False``: the losses only, no hooks."""
         if not self.model.training:
             raise RuntimeError("forward_train needs the model in train mode (call .train())")
+        if not taps:
+            return TrainOutput(losses=dict(self.model(self._images(batch), self._targets(batch))))
         with _Recorder(self.model) as rec:
             losses = self.model(self._images(batch), self._targets(batch))
         return TrainOutput(losses=dict(losses), taps=self._taps(rec.features, rec.image_list.image_sizes, batch))

@@ -1,11 +1,13 @@
-"""transformers DETR family behind one Detector: DETR, Table Transformer, Conditional DETR, DAB-DETR and Deformable
-DETR (plain, ``with_box_refine`` and ``two_stage``).
+"""transformers DETR family behind one Detector: DETR, Table Transformer, Conditional DETR, DAB-DETR, Deformable
+DETR (plain, ``with_box_refine`` and ``two_stage``), RT-DETR and RT-DETRv2.
 
 The adapter reuses transformers' own modules (decoder, class/box heads, losses); it copies none of their code.
 
 ==============  ===========================================================================================
 ``variants``    what each architecture is: one class per transformers class (queries, losses, backbone,
                 normalisation, ONNX kind), registered by class name and ``model_type``
+``rt_detr``     the RT-DETR / RT-DETRv2 variants (image-dependent "proposal" queries, denoising, square input)
+``outputs``     loss terms and detections from a model's outputs
 ``adapter``     :class:`DetrDetector`, the Detector over any variant (taps, decode, predict, save)
 ``loading``     :func:`load`: checkpoints (transformers directories) and presets
 ``backbone``    backbone surgery: trainable norms, restored timm activations, ImageNet / local weights
@@ -17,10 +19,12 @@ Adding an architecture of this family: one :class:`~kdctl.models.detr.variants.D
 """
 
 from kdctl.boxes import cxcywh_to_xyxy
+from kdctl.models.detr import rt_detr  # noqa: F401  (registers the RT-DETR variants)
 from kdctl.models.detr.adapter import DetrDetector
 from kdctl.models.detr.backbone import (
     TRAINABLE_NORM_KEY,
     backbone_module,
+    freeze_backbone_stages,
     has_restored_activations,
     load_backbone_file,
     load_imagenet_backbone,
@@ -40,7 +44,8 @@ from kdctl.models.detr.variants import (
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "TRAINABLE_NORM_KEY", "VARIANTS_BY_CLASS", "VARIANTS_BY_MODEL_TYPE",
-    "DetrDetector", "DetrVariant", "backbone_module", "cxcywh_to_xyxy", "has_restored_activations", "init_queries",
+    "DetrDetector", "DetrVariant", "backbone_module", "cxcywh_to_xyxy", "freeze_backbone_stages",
+    "has_restored_activations", "init_queries",
     "load", "load_backbone_file", "load_imagenet_backbone", "restore_backbone_activations",
     "stock_transformers_model", "train_backbone_norms", "variant_for",
 ]

@@ -62,6 +62,7 @@ from kdctl.boxes import cxcywh_to_xyxy
 from kdctl.data.batch import Batch
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
+from kdctl.models.detr.outputs import loss_terms, sigmoid_detections, softmax_detections
 from kdctl.models.detr.variants import DetrVariant, normalize_pixels, quiet_transformers, variant_for
 
 
@@ -84,6 +85,8 @@ class DetrDetector(Detector):
     ) -> None:
         super().__init__(model, label_names, architecture, imgsz)
         self.variant: DetrVariant = variant_for(model)
+        # the mask covers any padding; only the square-input variants (RT-DETR: its FPN halves and doubles) need 32
+        self.pad_stride = 32 if self.variant.square_input else 1
         self.image_mean = tuple(float(v) for v in (image_mean or self.variant.image_mean))
         self.image_std = tuple(float(v) for v in (image_std or self.variant.image_std))
 
@@ -140,16 +143,30 @@ class DetrDetector(Detector):
         return normalize_pixels(images, mask, self.image_mean, self.image_std)
 
     def pixel_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(pixel_values [N, 3, H, W] normalised and zero on padding, pixel_mask [N, H, W] int64)."""
-        mask = batch.pixel_mask()
-        return self.normalize(batch.images, mask), mask
+        """(pixel_values [N, 3, H, W] normalised and zero on padding, pixel_mask [N, H, W] int64); a square
+        [N, 3, S, S], S = max(H, W), for the variants that ignore the mask (:meth:`frame_sizes`)."""
+        images, mask = batch.images, batch.pixel_mask()
+        if self.variant.square_input:
+            h, w = images.shape[-2:]
+            side = max(h, w)
+            images = torch.nn.functional.pad(images, (0, side - w, 0, side - h))
+            mask = torch.nn.functional.pad(mask, (0, side - w, 0, side - h))
+        return self.normalize(images, mask), mask
+
+    def frame_sizes(self, batch: Batch) -> list[tuple[int, int]]:
+        """Per image the (h, w) the model's normalised boxes are relative to: the unpadded image, or the square
+        input (:attr:`~kdctl.models.detr.variants.DetrVariant.square_input`) for models that ignore the mask."""
+        if not self.variant.square_input:
+            return list(batch.sizes)
+        side = max(batch.images.shape[-2:])
+        return [(side, side)] * len(batch)
 
     def hf_labels(self, batch: Batch) -> list[dict[str, Tensor]]:
         """Per image ``{"class_labels" [K], "boxes" [K, 4] cxcywh normalised by the unpadded size}``."""
         if len(batch.targets) != len(batch):
             raise KdctlError("a training batch needs one target dict per image")
         out = []
-        for (h, w), t in zip(batch.sizes, batch.targets, strict=True):
+        for (h, w), t in zip(self.frame_sizes(batch), batch.targets, strict=True):
             boxes = t["boxes"].to(batch.device, torch.float32).reshape(-1, 4)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=batch.device)
             x0, y0, x1, y1 = (boxes / scale).clamp(0, 1).unbind(-1)
@@ -167,11 +184,17 @@ class DetrDetector(Detector):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             rec["kwargs"], rec["output"] = dict(kwargs), output
 
-        handle = self.variant.decoder(self.model).register_forward_hook(hook, with_kwargs=True)
+        def keep(name: str) -> Any:
+            return lambda module, args, output: rec.setdefault("recorded", {}).__setitem__(name, output)
+
+        handles = [self.variant.decoder(self.model).register_forward_hook(hook, with_kwargs=True)]
+        handles += [self.model.get_submodule(path).register_forward_hook(keep(name))
+                    for name, path in self.variant.record_modules.items()]
         try:
             yield rec
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def _run(self, batch: Batch, labels: list[dict[str, Tensor]] | None) -> tuple[Any, dict[str, Any]]:
         """One model forward -> (model outputs, taps)."""
@@ -182,57 +205,52 @@ class DetrDetector(Detector):
                              **v.forward_kwargs(self.model))
         if "kwargs" not in rec:  # pragma: no cover - would mean transformers changed its call structure
             raise KdctlError(f"{type(self.model).__name__}: the decoder was not called with keyword arguments")
-        kw = rec["kwargs"]
+        kw, recorded = rec["kwargs"], rec.get("recorded", {})
         logits, boxes = v.heads(self.model, rec["output"], kw)
-        mask_key = "memory_key_padding_mask" if "memory_key_padding_mask" in kw else "encoder_attention_mask"
+        dn = v.denoising_prefix(self.model, kw)  # training-only denoising queries never enter the taps
         taps = {
-            "logits": logits,
-            "boxes": boxes,
+            "logits": logits[..., dn:, :],
+            "boxes": boxes[..., dn:, :],
             "queries": v.used_queries(self.model, kw),
             "reference_points": v.used_reference_points(self.model, kw),
+            "query_index": v.used_index(self.model, recorded),
             "memory": kw["encoder_hidden_states"],
-            "memory_mask": kw[mask_key],
+            "memory_mask": v.memory_mask(self.model, kw),
+            "memory_layout": v.memory_layout(kw),
+            "recorded": recorded,
             "decoder_kwargs": kw,
         }
         return out, taps
 
-    def _forward_train(self, batch: Batch) -> TrainOutput:
-        out, taps = self._run(batch, self.hf_labels(batch))
-        return TrainOutput(losses=self._weighted_losses(out.loss_dict), taps=taps)
+    def _forward_train(self, batch: Batch, taps: bool = True) -> TrainOutput:
+        if taps:
+            out, recorded = self._run(batch, self.hf_labels(batch))
+        else:  # plain training: the model's own forward, no hooks (#22)
+            pixel_values, pixel_mask = self.pixel_inputs(batch)
+            out, recorded = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=self.hf_labels(batch),
+                                       **self.variant.forward_kwargs(self.model)), {}
+        return TrainOutput(losses=loss_terms(self.variant, self.model, out.loss_dict, self.architecture),
+                           taps=recorded)
 
     def forward_taps(self, batch: Batch) -> dict[str, Any]:
         return self._run(batch, None)[1]
 
-    def _weighted_losses(self, loss_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The model's weighted loss terms, auxiliary layers folded in (their sum is the model's ``loss``)."""
-        weights = self.variant.loss_weights(self.model)
-        aux = self.variant.aux_suffixes(self.model)
-        losses: dict[str, Tensor] = {}
-        for key, value in loss_dict.items():
-            base, _, suffix = key.rpartition("_")
-            if key in weights or key in self.variant.logged_terms:
-                base = key
-            elif not (suffix in aux and (base in weights or base in self.variant.logged_terms)):
-                raise KdctlError(f"{self.architecture}: unknown loss term {key!r} from transformers (known: "
-                                 f"{', '.join([*weights, *self.variant.logged_terms])}); its variant must weight it")
-            if base in self.variant.logged_terms:
-                continue  # cardinality_error and the like: logged by transformers, not optimised
-            term = value * weights[base]
-            losses[base] = losses[base] + term if base in losses else term
-        return losses
-
     # ------------------------------------------------------------------ custom queries
-    def decode(self, taps: dict[str, Any], queries: Tensor) -> dict[str, Tensor]:
+    def decode(self, taps: dict[str, Any], queries: Tensor, memory_index: Tensor | None = None) -> dict[str, Tensor]:
         """Decode G queries over the recorded encoder memory, in their own decoder pass.
 
         queries: [G, D] shared by the batch or [N, G, D] per image, in :attr:`query_kind` format.
+        memory_index ("proposal" queries, RT-DETR): [N, G] memory positions to read the query content at (this
+        model's ``taps["query_index"]``, or another model's when the memory layouts match); None samples this model's
+        memory at the box centres.
         Returns ``{"logits": [L, N, G, C'], "boxes": [L, N, G, 4]}`` (every decoder layer, last = final).
         Gradients flow through this model's decoder, heads and (for a training pass) its encoder.
         """
-        return self.decode_groups(taps, [queries])[0]
+        return self.decode_groups(taps, [queries], memory_index=[memory_index])[0]
 
     def decode_groups(
-        self, taps: dict[str, Any], groups: list[Tensor], reference_points: list[Tensor | None] | None = None
+        self, taps: dict[str, Any], groups: list[Tensor], reference_points: list[Tensor | None] | None = None,
+        memory_index: list[Tensor | None] | None = None,
     ) -> list[dict[str, Tensor]]:
         """:meth:`decode` several query groups at once; groups never attend to each other.
 
@@ -240,18 +258,22 @@ class DetrDetector(Detector):
         reference_points (Deformable "embed2" only): per group None (the model's own ``reference_points`` head on
         the query's position part) or the [G, 2] / [N, G, 2] normalised points to decode the group at, e.g. another
         model's ``taps["reference_points"]`` for its own queries (KD-DETR's specific points).
+        memory_index ("proposal" only): per group None or the [N, G] memory positions of the content (:meth:`decode`).
         """
         self.check_decodable()
         kw = taps["decoder_kwargs"]
         n = kw["encoder_hidden_states"].shape[0]
         qs = [self._batched_queries(q, n, kw["encoder_hidden_states"]) for q in groups]
         refs = self._batched_reference_points(reference_points, qs)
+        index = memory_index or [None] * len(qs)
+        contents = [self.variant.query_content(self.model, taps, q, i) for q, i in zip(qs, index, strict=True)]
         if len(qs) > 1 and len({q.shape[1] for q in qs}) == 1:
             k = len(qs)
             folded = {key: self._repeat(key, v, k) for key, v in kw.items()}
-            logits, boxes = self._decode_once(folded, torch.cat(qs, dim=0), refs)
+            content = None if contents[0] is None else torch.cat(contents, dim=0)  # type: ignore[arg-type]
+            logits, boxes = self._decode_once(folded, torch.cat(qs, dim=0), refs, content)
             return [{"logits": logits[:, i * n : (i + 1) * n], "boxes": boxes[:, i * n : (i + 1) * n]} for i in range(k)]
-        outs = [self._decode_once(kw, q, [r]) for q, r in zip(qs, refs, strict=True)]
+        outs = [self._decode_once(kw, q, [r], c) for q, r, c in zip(qs, refs, contents, strict=True)]
         return [{"logits": lg, "boxes": bx} for lg, bx in outs]
 
     def _batched_reference_points(self, refs: list[Tensor | None] | None, qs: list[Tensor]) -> list[Tensor | None]:
@@ -288,9 +310,13 @@ class DetrDetector(Detector):
             return value.repeat(k, *([1] * (value.dim() - 1)))
         return value
 
-    def _decode_once(self, kw: dict[str, Any], q: Tensor, refs: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-        """q: the groups [k * N, G, D] folded into the batch; refs: per group None (own points) or [N, G, 2]."""
+    def _decode_once(self, kw: dict[str, Any], q: Tensor, refs: list[Tensor | None],
+                     content: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q: the groups [k * N, G, D] folded into the batch; refs: per group None (own points) or [N, G, 2];
+        content: [k * N, G, d_model] query content read from the encoder memory ("proposal" queries) or None."""
         call = {**kw, **self.variant.query_kwargs(self.model, kw, q)}
+        if content is not None:
+            call["inputs_embeds"] = content
         if any(r is not None for r in refs):
             own = call["reference_points"].chunk(len(refs))
             call["reference_points"] = torch.cat([o if r is None else r for o, r in zip(own, refs, strict=True)])
@@ -302,7 +328,7 @@ class DetrDetector(Detector):
         pixel_values, pixel_mask = self.pixel_inputs(batch)
         out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
         dets = []
-        for logits, boxes, (h, w) in zip(out.logits, out.pred_boxes, batch.sizes, strict=True):
+        for logits, boxes, (h, w) in zip(out.logits, out.pred_boxes, self.frame_sizes(batch), strict=True):
             scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             xyxy = cxcywh_to_xyxy(boxes) * scale
             if self.logit_kind == "softmax":
@@ -333,10 +359,7 @@ class DetrDetector(Detector):
         with quiet_transformers():
             self.model.save_pretrained(directory, safe_serialization=True)
             processor = getattr(transformers, self.variant.processor_cls)(
-                size={"max_height": self.imgsz, "max_width": self.imgsz},
-                image_mean=list(self.image_mean),
-                image_std=list(self.image_std),
-            )
+                **self.variant.processor_kwargs(self.imgsz, self.image_mean, self.image_std))
             processor.save_pretrained(directory)
         return directory
 
@@ -347,23 +370,3 @@ class DetrDetector(Detector):
             num_queries=self.num_queries, decoder_layers=self.num_decoder_layers, hidden_size=self.hidden_size,
         )
         return out
-
-
-# =========================================================================== post-processing helpers
-def softmax_detections(logits: Tensor, xyxy: Tensor, threshold: float, k: int) -> dict[str, Tensor]:
-    """DETR: one detection per query, best class of softmax without the no-object class (last)."""
-    scores, labels = logits.softmax(-1)[:, :-1].max(-1)
-    keep = scores > threshold
-    scores, labels, xyxy = scores[keep], labels[keep], xyxy[keep]
-    order = scores.argsort(descending=True)[:k]
-    return {"boxes": xyxy[order], "scores": scores[order], "labels": labels[order]}
-
-
-def sigmoid_detections(logits: Tensor, xyxy: Tensor, threshold: float, k: int) -> dict[str, Tensor]:
-    """Sigmoid DETRs: top-k over queries x classes (a query may give several classes)."""
-    num_classes = logits.shape[-1]
-    prob = logits.sigmoid().flatten()
-    scores, index = prob.topk(min(k, prob.numel()))
-    keep = scores > threshold
-    scores, index = scores[keep], index[keep]
-    return {"boxes": xyxy[index // num_classes], "scores": scores, "labels": index % num_classes}

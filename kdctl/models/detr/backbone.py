@@ -197,3 +197,45 @@ def load_imagenet_backbone(model: nn.Module) -> None:
         raise KdctlError(
             f"timm {bcfg.backbone!r} weights do not fit the backbone (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def scratch_backbone(model: nn.Module) -> bool:
+    """True when the backbone started from random weights (kdctl made its norms trainable,
+    :func:`train_backbone_norms`, and says so in the config); False for ImageNet / checkpoint backbones."""
+    return getattr(model.config, TRAINABLE_NORM_KEY, None) == "batchnorm"
+
+
+def early_stage_prefix(net: nn.Module, stages: int) -> str | None:
+    """The parameter-name prefix of the ``stages``-th stage (1: the stride-4 one) of a timm or HF backbone."""
+    info = getattr(net, "feature_info", None)
+    if info is not None and hasattr(info, "get_dicts"):  # timm features_only: stages by reduction
+        names = [d["module"] for d in info.get_dicts() if d["reduction"] == 2 ** (stages + 1)]
+        return names[-1].replace("_", ".") + "." if names else None
+    if hasattr(net, "encoder") and hasattr(net.encoder, "stages"):  # transformers' ResNet / ConvNeXt ...
+        return f"encoder.stages.{stages - 1}."
+    return None
+
+
+def freeze_backbone_stages(model: nn.Module, stages: int) -> int:
+    """The DETR recipes' rule for a pretrained backbone: its stem and first ``stages`` stages frozen, the rest of
+    the backbone trainable; a backbone from random weights (:func:`scratch_backbone`) or ``stages == 0``: all of it
+    trains. Sets ``requires_grad`` on every backbone parameter (0 stages: leaves the model as it is); returns how
+    many parameters were frozen."""
+    if stages <= 0:
+        return 0
+    net = backbone_module(model)
+    params = list(net.named_parameters())
+    for _, p in params:
+        p.requires_grad_(True)
+    if scratch_backbone(model):
+        return 0
+    prefix = early_stage_prefix(net, stages)
+    if prefix is None:
+        raise KdctlError(f"freeze_backbone_stages = {stages}: the stages of backbone {type(net).__name__} are not "
+                         "known; set it to 0")
+    last = max((i for i, (n, _) in enumerate(params) if n.startswith(prefix)), default=-1)
+    if last < 0:
+        raise KdctlError(f"freeze_backbone_stages = {stages}: no {prefix!r} in backbone {type(net).__name__}")
+    for _, p in params[: last + 1]:
+        p.requires_grad_(False)
+    return sum(p.numel() for _, p in params[: last + 1])

@@ -91,14 +91,14 @@ def _load_checkpoint(r: Resolved, *, trust_remote_code: bool, overrides: dict[st
     if getattr(config, TRAINABLE_NORM_KEY, None) == "batchnorm":  # a from-scratch backbone keeps training its norms
         train_backbone_norms(model)
     restore_backbone_activations(model)
+    variant.prepare(model)
     proc = _read_processor(path)
     imgsz = r.imgsz or _imgsz_from_processor(proc) or 640
-    det = DetrDetector(
-        model, _labels_from_config(config, path), variant.model_cls, imgsz=imgsz,
-        image_mean=tuple(proc.get("image_mean") or variant.image_mean),
-        image_std=tuple(proc.get("image_std") or variant.image_std),
-    )
-    return det
+    mean, std = proc.get("image_mean") or variant.image_mean, proc.get("image_std") or variant.image_std
+    if proc.get("do_normalize") is False:  # e.g. RT-DETR: pixels in [0, 1] as they are
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return DetrDetector(model, _labels_from_config(config, path), variant.model_cls, imgsz=imgsz,
+                        image_mean=tuple(mean), image_std=tuple(std))
 
 
 def _require_weights(path: Path) -> None:
@@ -143,8 +143,9 @@ def _imgsz_from_processor(proc: dict[str, Any]) -> int | None:
     size = proc.get("size") or {}
     if not isinstance(size, dict):
         return None
-    if size.get("max_height") and size.get("max_width"):
-        return int(max(size["max_height"], size["max_width"]))
+    for h, w in (("max_height", "max_width"), ("height", "width")):
+        if size.get(h) and size.get(w):
+            return int(max(size[h], size[w]))
     return int(size["shortest_edge"]) if size.get("shortest_edge") else None
 
 
@@ -184,6 +185,7 @@ def _build_preset(
     elif train_backbone_norms(model):
         setattr(config, TRAINABLE_NORM_KEY, "batchnorm")
     restore_backbone_activations(model)
+    variant.prepare(model)
     config.use_pretrained_backbone = False
     return DetrDetector(model, list(label_names), variant.model_cls, imgsz=int(r.imgsz or 640))
 

@@ -4,7 +4,8 @@ ONNX graph: ``pixel_values`` [N, 3, H, W] float32 NORMALISED ((x - mean) / std, 
 ``pixel_mask`` [N, H, W] int64 (1 = valid pixel) in; the model's raw ``logits`` [N, Q, C'] and ``pred_boxes``
 [N, Q, 4] (normalised cx, cy, w, h relative to the valid region) out. N, H and W are dynamic for the variants whose
 ``onnx_kind`` is "dynamic"; "fixed-size" graphs (Deformable DETR) keep N dynamic but H and W fixed at the traced
-size (the graph is wrong at other sizes).
+size (the graph is wrong at other sizes). Models that ignore the pixel mask (RT-DETR, ``square_input``) take
+``pixel_values`` alone, a square image padded at the bottom/right, and their boxes are relative to that square.
 
 DETRs with a timm backbone built of ``BatchNormAct2d`` (the MobileNet-V2 presets) are written with the timm backbone
 option ``freeze_batch_norm_2d``: stock transformers then keeps the activations that kdctl restores with hooks, and
@@ -36,7 +37,7 @@ class DetrOnnx(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: Tensor, pixel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         out = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
         return out.logits, out.pred_boxes
 
@@ -57,12 +58,28 @@ def example_input(det: DetrDetector, size: int, dtype: torch.dtype = torch.float
     x = torch.rand((2, 3, size, size), generator=g)
     mask = torch.ones((2, size, size), dtype=torch.long)
     mask[1, :, size - size // 4:] = 0
+    if det.variant.square_input:  # no mask input: the padding is part of the square image
+        return {"pixel_values": det.normalize(x, mask).to(dtype)}
     return {"pixel_values": det.normalize(x, mask).to(dtype), "pixel_mask": mask}
 
 
 def reference_outputs(det: DetrDetector, feeds: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """What the graph must compute on ``feeds``: the PyTorch model's raw (logits, pred_boxes)."""
     return DetrOnnx(det.model)(*feeds.values())
+
+
+@torch.no_grad()
+def comparable_queries(det: DetrDetector, feeds: dict[str, Tensor]) -> Tensor | None:
+    """[N, Q] True where a query's output is well defined for a parity check: for models that select their queries
+    by top-k over encoder scores (RT-DETR), the queries whose score is not tied with another position's (onnxruntime
+    and PyTorch may break ties differently, and tied positions carry different anchors); None = every query."""
+    if not det.variant.queries_image_dependent(det.model) or not det.variant.square_input:
+        return None
+    out = det.model(**feeds)
+    scores = out.enc_outputs_class.max(-1).values  # [N, S]
+    top = scores.topk(det.num_queries, dim=1).values  # [N, Q]
+    same = (scores[:, None, :] - top[..., None]).abs() <= 1e-6 * top.abs().clamp_min(1)[..., None]
+    return same.sum(-1) == 1
 
 
 def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -78,25 +95,28 @@ def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[d
         "logits": {0: "batch"},
         "pred_boxes": {0: "batch"},
     }
+    axes = {k: v for k, v in axes.items() if k in feeds or k in ("logits", "pred_boxes")}
     trace(DetrOnnx(det.model).eval(), tuple(feeds.values()), path, list(feeds), ["logits", "pred_boxes"], axes, opset)
     hw: list[Any] = ["height", "width"] if spatial else [size, size]
     softmax = det.logit_kind == "softmax"
     classes = det.num_classes + (1 if softmax else 0)
     meta = graph_meta(det, kind, size, opset)
+    square = det.variant.square_input
     meta.update(
         inputs=[
             {"name": "pixel_values", "dtype": str(dtype).removeprefix("torch."), "shape": ["batch", 3, *hw],
              "description": "RGB in [0, 1], resized so the longer side is imgsz, then (x - image_mean) / image_std; "
-                            "0 on padding"},
+                            "0 on padding" + (" (padded at the bottom/right to a square)" if square else "")},
             {"name": "pixel_mask", "dtype": "int64", "shape": ["batch", *hw],
              "description": "1 on valid pixels, 0 on padding (all ones for an unpadded image)"},
-        ],
+        ][: 1 if square else 2],
         outputs=[
             {"name": "logits", "shape": ["batch", det.num_queries, classes],
              "description": ("class logits; scores = softmax over the last axis without the last (no-object) class"
                              if softmax else "class logits; scores = sigmoid (top-k over queries x classes)")},
             {"name": "pred_boxes", "shape": ["batch", det.num_queries, 4],
-             "description": "boxes (cx, cy, w, h) in [0, 1], relative to the valid (unpadded) image region"},
+             "description": "boxes (cx, cy, w, h) in [0, 1], relative to the "
+                            + ("whole square input" if square else "valid (unpadded) image region")},
         ],
         normalization={"image_mean": list(det.image_mean), "image_std": list(det.image_std),
                        "applied": "outside the graph, by the caller"},
@@ -143,5 +163,5 @@ def save_kdctl_config(det: DetrDetector, out: Path) -> None:
         proc.unlink()
 
 
-__all__ = ["HF_TOLERANCE", "DetrOnnx", "as_stock_transformers", "example_input", "export_onnx", "onnx_kind",
+__all__ = ["HF_TOLERANCE", "DetrOnnx", "as_stock_transformers", "comparable_queries", "example_input", "export_onnx", "onnx_kind",
            "reference_outputs", "save_kdctl_config"]

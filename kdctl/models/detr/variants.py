@@ -68,6 +68,13 @@ class DetrVariant:
     batch_keys: ClassVar[tuple[str, ...]] = ()
     # loss_dict keys transformers logs but does not optimise
     logged_terms: ClassVar[tuple[str, ...]] = ("cardinality_error",)
+    # loss_dict entries are already weighted by transformers (RT-DETR): kdctl sums them per term, never re-weights
+    loss_weighted: ClassVar[bool] = False
+    # the model ignores the pixel mask: feed a square input (the batch padded to max(H, W)), boxes relative to it
+    square_input: ClassVar[bool] = False
+    recipe: ClassVar[str] = "detr"  # the recipe (presets/recipes) a model of this architecture trains with by default
+    # tap name -> submodule path whose output the normal forward records (taps["recorded"])
+    record_modules: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,6 +122,25 @@ class DetrVariant:
         """How many independent embeddings one query concatenates."""
         return 1
 
+    def denoising_prefix(self, model: nn.Module, kw: dict[str, Any]) -> int:
+        """How many training-only (denoising) queries precede the model's own in the recorded decoder pass."""
+        return 0
+
+    def used_index(self, model: nn.Module, recorded: dict[str, Tensor]) -> Tensor | None:
+        """[N, Q] encoder-memory positions of the model's own queries, where its query content comes from there."""
+        return None
+
+    def memory_layout(self, kw: dict[str, Any]) -> tuple[tuple[int, int], ...] | None:
+        """Feature-map sizes of the flattened encoder memory, where a query's content is read from it."""
+        return None
+
+    def memory_mask(self, model: nn.Module, kw: dict[str, Any]) -> Tensor:
+        return kw["memory_key_padding_mask" if "memory_key_padding_mask" in kw else "encoder_attention_mask"]
+
+    def query_content(self, model: nn.Module, taps: dict[str, Any], q: Tensor, index: Tensor | None) -> Tensor | None:
+        """Query content [N, G, D] read from the model's own encoder memory (RT-DETR), else None."""
+        return None
+
     # ------------------------------------------------------------------ decoder
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.model.decoder
@@ -142,6 +168,14 @@ class DetrVariant:
     def check_preset(self, kwargs: dict[str, Any], where: str) -> None:
         """Refuse preset config values the architecture cannot build."""
         return None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Adjust a freshly loaded or built model for kdctl (in place)."""
+        return None
+
+    def processor_kwargs(self, imgsz: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+        """Keyword arguments of the image processor saved with the model."""
+        return {"size": {"max_height": imgsz, "max_width": imgsz}, "image_mean": list(mean), "image_std": list(std)}
 
 
 class Detr(DetrVariant):
@@ -307,6 +341,13 @@ class TableTransformer(Detr):
     model_type = "table-transformer"
     batch_keys = ("encoder_hidden_states", "encoder_attention_mask", "object_queries")
     query_key = "query_position_embeddings"
+
+
+def recipe_for(architecture: str) -> str | None:
+    """The default recipe of a DETR-family model class name (``RTDetrForObjectDetection`` -> rtdetr); None when
+    the name is no DETR variant."""
+    v = VARIANTS_BY_CLASS.get(architecture)
+    return v.recipe if v is not None else None
 
 
 def variant_for(model: nn.Module) -> DetrVariant:
