@@ -7,9 +7,9 @@ import json
 import re
 
 import pytest
+from clitools import invoke as run_cli
 from conftest import write_coco
 
-from kdctl.cli import main
 from kdctl.data.coco import load_coco
 from kdctl.data.stats import ClassGap, class_gaps, plot_labels, size_bucket, split_stats
 from kdctl.errors import KdctlError
@@ -96,16 +96,6 @@ def test_plot_to_unwritable_path_is_one_line(two_splits, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(KdctlError, match="cannot write"):
         plot_labels([stats_of(two_splits, "train")], tmp_path / "afile" / "labels.png")
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def cells(out: str, first: str) -> list[str]:
