@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription, which made small
 # convolutions hundreds of times slower when several processes competed for the cores.
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("KDCTL_TEST_THREADS", "1")))  # KDCTL_TEST_THREADS=2: the 2-thread run
 
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 
