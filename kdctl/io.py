@@ -47,20 +47,25 @@ def write_error(path: Path, e: OSError) -> KdctlError:
     return KdctlError(f"cannot write {e.filename or path}: {cause}")
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file + rename): a kill never leaves half a file; an OS error is
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + rename): a kill never leaves half a file; an OS error is
     one KdctlError line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)
         raise write_error(path, e) from e
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """:func:`write_bytes` of ``text`` (UTF-8)."""
+    return write_bytes(path, text.encode())
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -8,6 +8,17 @@ from kdctl.commands.output import console, warn
 from kdctl.errors import KdctlError
 
 
+def dataset_splits(data: Path | str, split: str | None, format: str) -> tuple[Path, str, list[str]]:
+    """A dataset folder's root, format and splits (``split`` alone when given); a missing folder is one line."""
+    from kdctl.data.coco import present_splits
+
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise KdctlError(f"dataset folder {root} does not exist or is not a folder")
+    fmt, present = present_splits(root, format)
+    return root, fmt, [split] if split else present
+
+
 def open_split(data: Path | str | None, split: str, *, ann: Path | None = None, images: Path | None = None,
                command: str = "train", deep: bool = False, format: str = "auto"):
     """:func:`kdctl.data.coco.open_split`, with its warnings printed."""
@@ -36,14 +47,10 @@ def check_data(data: Path, *, split: str | None = None, deep: bool = False, plot
     summary, the boxes per class and per COCO size bucket, and the classes missing from a split; ``plot``: a PNG."""
     from rich.table import Table
 
-    from kdctl.data.coco import LAYOUT, SPLITS, present_splits
+    from kdctl.data.coco import LAYOUT, SPLITS
     from kdctl.data.stats import plot_labels, split_stats
 
-    root = Path(data).expanduser()
-    if not root.is_dir():
-        raise KdctlError(f"dataset folder {root} does not exist or is not a folder")
-    fmt, present = present_splits(root, format)
-    splits = [split] if split else present
+    root, fmt, splits = dataset_splits(data, split, format)
     if not splits:
         raise KdctlError(f"{root}: no annotation file found; expected {LAYOUT.format(split='SPLIT')} "
                          f"(SPLIT: {', '.join(SPLITS)}), or a YOLO, Pascal VOC or Hugging Face datasets folder")
@@ -92,16 +99,12 @@ def print_label_stats(stats) -> None:
 def convert_data(src: Path, dst: Path, *, to: str, format: str = "auto", split: str | None = None) -> None:
     """``kdctl data convert``: validate every split of ``src`` (or ``split``), then write them to the new folder
     ``dst`` as COCO or YOLO; a fatal problem writes nothing."""
-    from kdctl.data.coco import check_same_classes, present_splits
+    from kdctl.data.coco import check_same_classes
     from kdctl.data.formats.write import TARGETS, convert
 
     if to not in TARGETS:
         raise KdctlError(f"--to {to}: expected one of {', '.join(TARGETS)}")
-    root = Path(src).expanduser()
-    if not root.is_dir():
-        raise KdctlError(f"dataset folder {root} does not exist or is not a folder")
-    fmt, present = present_splits(root, format)
-    names = [split] if split else present
+    root, fmt, names = dataset_splits(src, split, format)
     if not names:
         raise KdctlError(f"{root}: no split found to convert")
     splits = {s: open_split(root, s, command="data check", format=fmt) for s in names}

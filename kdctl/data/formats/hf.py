@@ -32,6 +32,7 @@ from typing import Any
 from kdctl.data.formats.common import SPLITS, UNREADABLE, canonical_split, image_size, no_split
 from kdctl.data.validate import CocoData, Problems, validate_coco
 from kdctl.errors import KdctlError
+from kdctl.io import write_bytes
 
 INSTALL = 'reading a Hugging Face datasets folder needs the datasets package: pip install "kdctl[datasets]"'
 SCHEMA = "the cppe-5 schema: image, objects with bbox [x, y, w, h] and category (a ClassLabel)"
@@ -157,14 +158,10 @@ class ImageFiles:
         self.names.add(name)
         target = self.cache / name
         if not (target.is_file() and target.stat().st_size == len(data)):
-            tmp = target.with_name(f".{name}.tmp{os.getpid()}")
             try:
-                self.cache.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
-            except OSError as e:
-                raise KdctlError(f"cannot write the dataset's images to {self.cache}: {e.strerror or e} "
-                                 "(set KDCTL_CACHE to a writable folder)") from e
+                write_bytes(target, data)
+            except KdctlError as e:
+                raise KdctlError(f"{e} (the dataset's image cache; set KDCTL_CACHE to a writable folder)") from e
         return target
 
 
