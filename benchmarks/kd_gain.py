@@ -186,6 +186,7 @@ class PairPlan:
     optim: dict[str, Any] = field(default_factory=dict)  # recipe optimiser overrides, for every run of the pair
     kd: dict[str, Any] = field(default_factory=dict)  # [kd.METHOD] overrides of the distillation runs
     teacher_pair: str | None = None  # reuse the teacher of this pair (trained first if it does not exist yet)
+    student_config: dict[str, Any] = field(default_factory=dict)  # preset config overrides of the student
     notes: list[str] = field(default_factory=list)
 
 
@@ -225,6 +226,19 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                                synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
                                notes=["the dab-detr pair on the synthetic set (1-3 shapes of 24 px or more per "
                                       "image, 480 train / 120 val images, 160 px)", "AdamW lr 2e-4 (recipe: 1e-4)"]),
+    "rtdetr-synth": PairPlan("rtdetr-synth", "kd-detr", "rtdetr-r18vd", "rtdetr-r18vd", "synth", imgsz=160,
+                             batch_size=8, teacher_epochs=30, student_epochs=15, teacher_lr=2e-4, student_lr=2e-4,
+                             eval_every=5, synth_images=600, synth_size=(128, 192),
+                             synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
+                             optim={"backbone_lr_mult": 1.0},
+                             student_config={"d_model": 128, "encoder_hidden_dim": 128, "encoder_ffn_dim": 512,
+                                             "decoder_in_channels": [128, 128, 128], "decoder_ffn_dim": 512,
+                                             "decoder_layers": 2, "num_queries": 100},
+                             notes=["teacher: RT-DETR r18vd preset (3 decoder layers, d 256, 300 queries); student: the "
+                                    "same backbone, hybrid encoder and decoder at d 128 (FFN 512), 2 decoder layers, "
+                                    "100 queries; both from scratch (no ImageNet ResNet-vd weights offline)",
+                                    "the rtdetr recipe (EMA, augmentation) with AdamW lr 2e-4 and the backbone at the "
+                                    "full lr (backbone_lr_mult 1: a from-scratch backbone), on the dab-detr-synth set"]),
     "detr": PairPlan("detr", "kd-detr", "detr-mobilenet-v2", "detr-mobilenet-v2-small", "bccd", imgsz=320,
                      batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True, student_imagenet=True,
                      teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
@@ -241,7 +255,7 @@ FULL = {
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=36, student_epochs=24, eval_every=4)
        for k in ("fasterrcnn", "retinanet")},
     "fcos-synth": replace(SMALL["fcos-synth"], imgsz=320, teacher_epochs=24, student_epochs=16),
-    **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr")},
+    **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr", "rtdetr-synth")},
 }
 
 
@@ -354,8 +368,27 @@ def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
 
 
 def student_init(plan: PairPlan, data: Path, work: Path, seed: int) -> str:
-    """The student spec of one seed: the preset, or a saved copy with the ImageNet backbone loaded."""
+    """The student spec of one seed: the preset, a saved copy with the ImageNet backbone loaded, or a saved copy
+    with the plan's config overrides (drawn with torch seed ``seed``)."""
+    if plan.student_config:
+        return config_init(plan.student, plan.student_config, data, work, seed)
     return imagenet_init(plan.student, data, work, seed) if plan.student_imagenet else plan.student
+
+
+def config_init(preset: str, config: dict[str, Any], data: Path, work: Path, seed: int) -> str:
+    """A saved copy of ``preset`` for the data's classes with ``config`` overriding the preset's config values."""
+    import torch
+
+    from kdctl.specs import load_detector
+
+    names = dataset_names(data)
+    tag = hashlib.sha1(("\n".join(names) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:8]
+    out = work / "init" / f"{preset}-cfg-{len(names)}cls-{tag}-s{seed}"
+    if not any((out / f).exists() for f in ("kdctl.json", "config.json")):
+        torch.manual_seed(seed)
+        det = load_detector(preset, label_names=names, pretrained_backbone=False, overrides=config)
+        det.save(out)
+    return str(out)
 
 
 def dataset_names(data: Path) -> list[str]:
