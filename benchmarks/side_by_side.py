@@ -15,7 +15,9 @@ rounds of five loops, one optimiser step each:
               FPN, the teacher's FPN features, kdctl's DRKD loss modules
   e  distill  kdctl distill's step (Trainer, as b)
 
-and writes b/a (kdctl's train overhead), e/d (kdctl's KD overhead) and e/c (the method's cost over the bare
+The teacher of (c) and (d) runs as kdctl runs it: frozen BatchNorms folded into its convolutions and its forward
+under the distill run's teacher autocast dtype (``--teacher-amp``), so (d) and (e) do the same work.
+Writes b/a (kdctl's train overhead), e/d (kdctl's KD overhead) and e/c (the method's cost over the bare
 floor) to ``benchmarks/results/side_by_side.{json,md}``. ``--fixes`` adds the issue's before/after variants of
 kdctl's step (zero_grad after the step, KD taps in train, stride-32 padding, unfolded teacher).
 Small CPU-sized presets; teachers are random-weight presets saved with the data's classes (timing only).
@@ -96,8 +98,15 @@ class Bare:
         names = {id(p): n for n, p in tt.student.model.named_parameters()}
         self.opt = same_optimizer(tt.optimizer, names, dict(self.model.named_parameters()))
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        tdet = load_detector(teacher_dir).eval().requires_grad_(False)  # the library's own (unfolded) teacher
+        tdet = load_detector(teacher_dir).eval().requires_grad_(False)
         tdet.set_classes(tt.val_data.names)
+        # the teacher as kdctl runs it (#22: like for like): its frozen BatchNorms folded into its convolutions when
+        # the distill run folds them, and its forward under the distill run's teacher autocast dtype
+        if td.cfg.fold_teacher_norms:
+            from kdctl.engine.fold import fold_teacher
+
+            fold_teacher(tdet, "cpu")
+        self.teacher_amp = td.teacher_amp
         self.teacher_det, self.teacher = tdet, tdet.model
         self.adapter, self.student_det = tt.student, tt.student
         # the method floor's student (+ kdctl's distiller modules for its loss), with the distill run's optimiser
@@ -140,12 +149,16 @@ class Bare:
         self.opt.zero_grad(set_to_none=True)
         self._finish(self.opt, self.params, self._loss(self.model, x))
 
+    def teacher_context(self):
+        """The teacher's autocast (kdctl's ``--teacher-amp``; float32 when the distill run has none)."""
+        return torch.autocast("cpu", dtype=self.teacher_amp or torch.float32, enabled=self.teacher_amp is not None)
+
     def teacher_forward(self, x, inference: bool = True):
-        with torch.inference_mode() if inference else torch.no_grad():  # no_grad: its tensors enter a KD loss
-            if self.family == "detr":
+        with torch.inference_mode() if inference else torch.no_grad(), self.teacher_context():
+            if self.family == "detr":  # no_grad: its tensors enter a KD loss
                 return self.teacher(pixel_values=x["teacher"], pixel_mask=x["pixel_mask"])
             il, _ = self.teacher.transform(x["images"])
-            return self.teacher.backbone(il.tensors)
+            return {k: v.float() for k, v in self.teacher.backbone(il.tensors).items()}
 
     def floor(self, x) -> None:  # (c)
         self.teacher_forward(x)
@@ -163,7 +176,7 @@ class Bare:
         skw, t = self.kw["kwargs"], self.teacher
         tkw: dict[str, Any] = {}
         h = t.model.decoder.register_forward_hook(lambda m, a, k, o: tkw.update(k), with_kwargs=True)
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_context():
             tout = t(pixel_values=x["teacher"], pixel_mask=x["pixel_mask"])
             h.remove()
             n = x["pixel_values"].shape[0]
@@ -171,8 +184,8 @@ class Bare:
             tq = torch.cat([t.model.query_position_embeddings.weight, general])
             th = t.model.decoder(**{**tkw, "inputs_embeds": torch.zeros(n, len(general), t.config.d_model),
                                     "object_queries_position_embeddings": general.expand(n, -1, -1)})[0]
-            t_logits = torch.cat([tout.logits, t.class_labels_classifier(th)], 1)
-            t_boxes = torch.cat([tout.pred_boxes, t.bbox_predictor(th).sigmoid()], 1)
+            t_logits = torch.cat([tout.logits, t.class_labels_classifier(th)], 1).float()
+            t_boxes = torch.cat([tout.pred_boxes, t.bbox_predictor(th).sigmoid()], 1).float()
         s = self.m_model
         q = self.m_dist.projection(tq) if self.m_dist.projection is not None else tq
         sh = s.model.decoder(**{**skw, "inputs_embeds": torch.zeros(n, len(q), s.config.d_model),
