@@ -103,13 +103,11 @@ def choose_method(method: str, teacher_family: str, student_family: str, teacher
 
 
 def distiller_class(method: str) -> type[Distiller]:
-    """The Distiller class of a resolved method (a combination: :func:`kdctl.distill.combined.combined_class`)."""
-    from kdctl.models.registry import METHODS, import_string
+    """The Distiller class of a resolved method (a combination ``a+b``: :data:`kdctl.models.registry.COMBINATION`)."""
+    from kdctl.models.registry import COMBINATION, METHODS, import_string
 
     if "+" in method:
-        from kdctl.distill.combined import combined_class
-
-        return combined_class([distiller_class(m) for m in method.split("+")], method)
+        return import_string(COMBINATION)([distiller_class(m) for m in method.split("+")], method)
 
     try:
         return import_string(METHODS[method][2])

@@ -35,6 +35,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "pred-kd": ("*", "*", "kdctl.distill.pred_kd:PredKD"),
 }
 ANY_FAMILY = "*"
+COMBINATION = "kdctl.distill.combined:combined_class"  # builds the Distiller of "a+b" (--method drkd+pred-kd)
 
 
 def fits(method: str, teacher_family: str, student_family: str) -> bool:
