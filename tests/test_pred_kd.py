@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 import torch
 import transformers
 
@@ -143,7 +143,7 @@ def test_dense_terms_zero_through_the_students_own_assigner(spec):
     assert all(bool((m >= 0).any()) for m in matched)  # the student's assigner gives each detection anchors
     logits = torch.full_like(head["cls_logits"], -30.0)
     deltas = head["bbox_regression"].detach().clone()
-    for i, (m, d) in enumerate(zip(matched, dets)):
+    for i, (m, d) in enumerate(zip(matched, dets, strict=True)):
         pos = m >= 0
         logits[i, pos, int(d["labels"][0]) + 1] = math.log(float(d["scores"][0]) / (1 - float(d["scores"][0])))
         a, goal = taps["anchors"][i][pos], d["boxes"].expand(int(pos.sum()), 4)
