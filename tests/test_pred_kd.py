@@ -21,6 +21,7 @@ from kdctl.distill.pred_kd_losses import (
     detr_matcher,
     detr_terms,
     quality_focal,
+    roi_terms,
     soft_label_kl,
     torchvision_targets,
 )
@@ -156,6 +157,41 @@ def test_dense_terms_zero_through_the_students_own_assigner(spec):
                                        "bbox_regression": deltas + 0.05}}
     t2 = dense_terms(model, off, dets, 2.0)
     assert float(t2["cls"]) > 1e-4 and float(t2["box"]) > 1e-4
+
+
+def test_roi_terms_zero_through_the_students_own_roi_matcher():
+    """Faster R-CNN: a box predictor that outputs exactly the soft targets for the RoIs the student's RoI matcher
+    and sampler pick gives zero; any other output gives positive terms."""
+    student = cnn("fasterrcnn-mobilenet-v2-0.5").train()
+    taps = student.forward_train(make_batch()).taps
+    dets = [{"boxes": torch.tensor([[8.0, 6.0, 40.0, 44.0]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([1])},
+            {"boxes": torch.tensor([[10.0, 4.0, 50.0, 40.0]]), "scores": torch.tensor([0.4]), "labels": torch.tensor([0])}]
+    roi, seen = student.model.roi_heads, {}
+    spy = roi.box_roi_pool.register_forward_pre_hook(lambda module, args: seen.__setitem__("rois", args[1]))
+
+    class Perfect(torch.nn.Module):  # one detection per image: every positive RoI of image i targets dets[i]
+        def __init__(self, offset: float = 0.0) -> None:
+            super().__init__()
+            self.offset = offset
+
+        def forward(self, x):
+            logits, deltas = [], []
+            for rois, d in zip(seen["rois"], dets, strict=True):
+                p = torch.full((rois.shape[0], 3), 1e-30)
+                p[:, 0], p[:, int(d["labels"][0]) + 1] = 1 - d["scores"][0], d["scores"][0]
+                logits.append(p.log() + torch.tensor([self.offset, 0.0, 0.0]))
+                goal = torch.zeros(rois.shape[0], 3, 4)
+                goal[:, int(d["labels"][0]) + 1] = roi.box_coder.encode_single(d["boxes"].expand_as(rois), rois)
+                deltas.append(goal.flatten(1))
+            return torch.cat(logits), torch.cat(deltas) + self.offset
+
+    roi.box_predictor = Perfect()  # the student is this test's own
+    t = roi_terms(student.model, taps, dets)
+    assert seen["rois"][0].shape[0] > 0 and float(t["cls"]) < TOL and float(t["box"]) < 1e-5, t
+    roi.box_predictor = Perfect(offset=0.1)
+    t2 = roi_terms(student.model, taps, dets)
+    spy.remove()
+    assert float(t2["box"]) > 1e-4 and float(t2["cls"]) > 1e-4
 
 
 # --------------------------------------------------------------------------- end to end: gradients, threshold
