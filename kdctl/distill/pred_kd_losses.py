@@ -204,7 +204,8 @@ def roi_terms(model: nn.Module, taps: dict[str, Any], dets: list[dict[str, Tenso
     cls_ids = torch.cat([t["labels"][j] for t, j in zip(targets, idx, strict=True)])
     t_boxes = torch.cat([t["boxes"][j] for t, j in zip(targets, idx, strict=True)])
     cls = soft_label_kl(class_logits, one_hot_scores(cls_ids, scores, class_logits.shape[-1], background=0))
-    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[torch.arange(len(img), device=cls_ids.device), cls_ids].float()
+    rows = torch.arange(len(img), device=cls_ids.device)
+    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[rows, cls_ids].float()
     goal = roi.box_coder.encode_single(t_boxes, torch.cat(rois).float())
     box = F.smooth_l1_loss(deltas, goal, beta=SMOOTH_L1_BETA, reduction="none").sum(-1)
     return {"cls": cls.mean(), "box": (box * scores).sum() / scores.sum().clamp_min(EPS)}
