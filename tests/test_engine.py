@@ -151,10 +151,12 @@ def test_config_toml_round_trip():
     assert RunConfig.from_dict(d) == c
 
 
-def test_method_choice():
+def test_method_choice(monkeypatch):
     assert choose_method("auto", "cnn", "cnn") == "drkd"
     assert choose_method("auto", "detr", "detr") == "kd-detr"
     assert choose_method("none", "detr", "cnn") == "none"
+    assert choose_method("auto", "detr", "cnn") == "pred-kd"  # across families: prediction distillation
+    monkeypatch.delitem(registry.METHODS, "pred-kd")  # without a method for any pair, a cross pair is refused
     with pytest.raises(KdctlError, match="DetrForObjectDetection.*retinanet.*supported pairs"):
         choose_method("auto", "detr", "cnn", "DetrForObjectDetection", "retinanet")
     with pytest.raises(KdctlError, match="needs a detr teacher"):
@@ -167,9 +169,9 @@ def test_unsupported_pair_is_refused_before_loading(tmp_path, synth, capsys):
     (tmp_path / "detr" / "config.json").write_text(json.dumps(cfgjson))  # never loaded: refused first
     with pytest.raises(SystemExit) as e:
         main(["distill", "--teacher", str(tmp_path / "detr"), "--student", "retinanet-r18-fpn", "--data", str(synth),
-              "--device", "cpu", "--output", str(tmp_path / "runs")])
+              "--method", "kd-detr", "--device", "cpu", "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "supported pairs" in err and "Traceback" not in err
+    assert e.value.code == 2 and "needs a detr teacher and a detr student" in err and "Traceback" not in err
 
 
 class _FeatureMSE(Distiller):

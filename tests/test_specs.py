@@ -143,7 +143,7 @@ def test_inspect_json(detr_dir, capsys):
     assert e.value.code in (0, None)
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "detr" and info["class"] == "DetrForObjectDetection"
-    assert info["label_names"] == NAMES and info["num_labels"] == 2 and info["kd_methods"] == ["kd-detr"]
+    assert info["label_names"] == NAMES and info["num_labels"] == 2 and info["kd_methods"] == ["kd-detr", "pred-kd"]
     assert info["parameters"] == sum(p.numel() for p in load_detector(str(detr_dir)).model.parameters())
 
 

@@ -69,10 +69,17 @@ class Distiller(nn.Module):
 
 def choose_method(method: str, teacher_family: str, student_family: str, teacher_arch: str = "",
                   student_arch: str = "") -> str:
-    """Resolve ``--method`` (auto|drkd|kd-detr|none) for a pair; an unsupported pair is one clear KdctlError."""
-    from kdctl.models.registry import METHODS, method_for_pair, supported_pairs
+    """Resolve ``--method`` (auto|none|a method|methods joined by ``+``, e.g. ``drkd+pred-kd``) for a pair; an
+    unsupported pair is one clear KdctlError. In a combination ``auto`` is the pair's own method."""
+    from kdctl.models.registry import METHODS, fits, method_for_pair, supported_pairs
 
     method = method.lower().replace("_", "-")
+    if "+" in method:
+        parts = [choose_method(p.strip(), teacher_family, student_family, teacher_arch, student_arch)
+                 for p in method.split("+")]
+        if "none" in parts or len(set(parts)) != len(parts):
+            raise KdctlError(f"--method {method}: a combination names different methods, none of them 'none'")
+        return "+".join(parts)
     if method == "none":
         return "none"
     if method == "auto":
@@ -84,9 +91,10 @@ def choose_method(method: str, teacher_family: str, student_family: str, teacher
             )
         return chosen
     if method not in METHODS:
-        raise KdctlError(f"unknown --method {method!r}; choose auto, none or one of {', '.join(METHODS)}")
+        raise KdctlError(f"unknown --method {method!r}; choose auto, none, one of {', '.join(METHODS)} or a "
+                         "combination such as drkd+pred-kd")
     t, s, _ = METHODS[method]
-    if (t, s) != (teacher_family, student_family):
+    if not fits(method, teacher_family, student_family):
         raise KdctlError(
             f"--method {method} needs a {t} teacher and a {s} student, got {teacher_arch or teacher_family} "
             f"({teacher_family}) and {student_arch or student_family} ({student_family})"
@@ -95,9 +103,21 @@ def choose_method(method: str, teacher_family: str, student_family: str, teacher
 
 
 def distiller_class(method: str) -> type[Distiller]:
-    from kdctl.models.registry import METHODS, import_string
+    """The Distiller class of a resolved method (a combination ``a+b``: :data:`kdctl.models.registry.COMBINATION`)."""
+    from kdctl.models.registry import COMBINATION, METHODS, import_string
+
+    if "+" in method:
+        return import_string(COMBINATION)([distiller_class(m) for m in method.split("+")], method)
 
     try:
         return import_string(METHODS[method][2])
     except (ImportError, AttributeError) as e:
         raise KdctlError(f"KD method {method!r} is not available in this version of kdctl ({e})") from e
+
+
+def method_options(kd: dict[str, Any], method: str) -> dict[str, Any]:
+    """The keyword options of ``method``'s Distiller from the recipe's ``[kd]`` tables: ``[kd.<method>]``; for a
+    combination, each part's own table (``{"parts": {"drkd": {...}, "pred-kd": {...}}}``)."""
+    if "+" in method:
+        return {"parts": {m: dict(kd.get(m, {})) for m in method.split("+")}}
+    return dict(kd.get(method, {}))

@@ -205,7 +205,7 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     """Method choice (before any weights load: an unsupported pair is refused at once), teacher, the student's
     recipe, student and distiller, on ``device`` (channels-last when on). ``last``: the checkpoint a resumed run
     continues from."""
-    from kdctl.distill.base import choose_method, distiller_class
+    from kdctl.distill.base import choose_method, distiller_class, method_options
     from kdctl.models.labels import check_head_mode
     from kdctl.specs import resolve
 
@@ -242,7 +242,7 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     student.imgsz = int(cfg.imgsz)  # saved with the model: eval, inspect and export use the trained size
     distiller = None
     if dist_cls is not None:
-        distiller = dist_cls(teacher, student, **cfg.kd.get(method, {})).to(device)
+        distiller = dist_cls(teacher, student, **method_options(cfg.kd, method)).to(device)
     channels_last = use_channels_last(cfg.channels_last)
     if channels_last:
         to_channels_last(teacher, student, distiller)

@@ -28,28 +28,39 @@ HF_MODEL_TYPES: dict[str, str] = {
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)
 TORCHVISION_PREFIXES: tuple[str, ...] = tuple(CNN_ARCHITECTURES)
 
-# method name -> (teacher family, student family, "module:Class")
+# method name -> (teacher family, student family, "module:Class"); ANY_FAMILY ("*") fits every family
 METHODS: dict[str, tuple[str, str, str]] = {
     "drkd": ("cnn", "cnn", "kdctl.distill.drkd:DRKD"),
     "kd-detr": ("detr", "detr", "kdctl.distill.kd_detr:KDDETR"),
+    "pred-kd": ("*", "*", "kdctl.distill.pred_kd:PredKD"),
 }
+ANY_FAMILY = "*"
+COMBINATION = "kdctl.distill.combined:combined_class"  # builds the Distiller of "a+b" (--method drkd+pred-kd)
+
+
+def fits(method: str, teacher_family: str, student_family: str) -> bool:
+    """Whether ``method`` distils a ``teacher_family`` teacher into a ``student_family`` student."""
+    t, s, _ = METHODS[method]
+    return t in (ANY_FAMILY, teacher_family) and s in (ANY_FAMILY, student_family)
 
 
 def methods_for_family(family: str) -> list[str]:
     """KD methods a model of ``family`` can take part in (as teacher or student)."""
-    return [m for m, (t, s, _) in METHODS.items() if family in (t, s)]
+    return [m for m, (t, s, _) in METHODS.items() if family in (t, s) or ANY_FAMILY in (t, s)]
 
 
 def method_for_pair(teacher_family: str, student_family: str) -> str | None:
-    """The method ``--method auto`` picks for a teacher/student pair, or None when unsupported."""
-    for m, (t, s, _) in METHODS.items():
-        if (t, s) == (teacher_family, student_family):
-            return m
-    return None
+    """The method ``--method auto`` picks for a teacher/student pair, or None when unsupported: the method made
+    for exactly that pair (DRKD, KD-DETR) before one for any pair (pred-kd, e.g. across families)."""
+    exact = [m for m, (t, s, _) in METHODS.items() if (t, s) == (teacher_family, student_family)]
+    return next(iter(exact), None) or next((m for m in METHODS if fits(m, teacher_family, student_family)), None)
 
 
 def supported_pairs() -> str:
-    return "; ".join(f"{t} -> {s}: {m}" for m, (t, s, _) in METHODS.items())
+    def fam(f: str) -> str:
+        return "any" if f == ANY_FAMILY else f
+
+    return "; ".join(f"{fam(t)} -> {fam(s)}: {m}" for m, (t, s, _) in METHODS.items())
 
 
 def import_string(path: str):

@@ -12,6 +12,14 @@ KD taps (:meth:`TorchvisionDetector.forward_train` / :meth:`TorchvisionDetector.
      "image_sizes": [(h_i, w_i)],                 # the valid region of image i in the model's input (= batch.sizes)
      "boxes": [Tensor [K_i, 4]],                  # GT xyxy in that frame (= batch.targets boxes)
      "labels": [Tensor [K_i]]}                    # GT dataset class indices (teacher and student agree on them)
+
+and, from a training pass only, what the student's own loss on other targets needs (prediction distillation,
+:mod:`kdctl.distill.pred_kd`)::
+
+    {"fpn": OrderedDict[str, Tensor],             # the backbone's output as the heads take it
+     "head_outputs": {"cls_logits": [N, A, K], "bbox_regression": [N, A, 4], ...},   # RetinaNet / FCOS
+     "anchors": [Tensor [A, 4]],                  # RetinaNet / FCOS, per image
+     "proposals": [Tensor [P_i, 4]]}              # Faster R-CNN: the RPN's proposals (detached)
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class _Recorder:
         self.image_list: Any = None  # torchvision ImageList: tensors [N, 3, Hp, Wp], image_sizes [(h, w)]
         self.targets: list[dict[str, Tensor]] | None = None
         self.features: OrderedDict[str, Tensor] | None = None
+        self.outputs: dict[str, Any] = {}  # "head_outputs", "anchors", "proposals": whichever the model has
         self._handles: list[Any] = []
 
     def __enter__(self) -> _Recorder:
@@ -67,7 +76,17 @@ class _Recorder:
             self.model.transform.register_forward_hook(self._on_transform),
             self.model.backbone.register_forward_hook(self._on_backbone),
         ]
+        for name, attr in (("head_outputs", "head"), ("anchors", "anchor_generator"), ("proposals", "rpn")):
+            module = getattr(self.model, attr, None)
+            if isinstance(module, nn.Module):
+                self._handles.append(module.register_forward_hook(self._keep(name)))
         return self
+
+    def _keep(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self.outputs[name] = output[0] if name == "proposals" else output  # the RPN returns (boxes, losses)
+
+        return hook
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -168,7 +187,8 @@ class TorchvisionDetector(Detector):
             return TrainOutput(losses=dict(self.model(self._images(batch), self._targets(batch))))
         with _Recorder(self.model) as rec:
             losses = self.model(self._images(batch), self._targets(batch))
-        return TrainOutput(losses=dict(losses), taps=self._taps(rec.features, rec.image_list.image_sizes, batch))
+        taps = self._taps(rec.features, rec.image_list.image_sizes, batch)
+        return TrainOutput(losses=dict(losses), taps={**taps, "fpn": rec.features, **rec.outputs})
 
     def forward_taps(self, batch: Batch) -> dict[str, Any]:
         """Teacher side: transform + backbone/FPN only (the caller sets eval() and no_grad)."""
