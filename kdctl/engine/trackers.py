@@ -7,7 +7,8 @@ to :meth:`Trackers.log_images` (``results.png`` and sample predictions). Only ra
 
 Where each writes: TensorBoard event files in ``RUN/tensorboard/`` (``torch.utils.tensorboard``; the
 ``tensorboard`` extra); W&B through ``wandb`` (``WANDB_PROJECT``, default ``kdctl``; ``WANDB_MODE=offline`` keeps it
-in ``RUN/wandb/``); MLflow through ``mlflow`` (``MLFLOW_TRACKING_URI``, default the file store ``OUTPUT/mlruns``;
+in ``RUN/wandb/``); MLflow through ``mlflow`` (``MLFLOW_TRACKING_URI``, default the file store ``OUTPUT/mlruns``, with
+``MLFLOW_ALLOW_FILE_STORE=true`` unless set, the opt-in MLflow 3 asks for;
 ``MLFLOW_EXPERIMENT_NAME``, default ``kdctl``). A tracker that fails to start or to log is one warning line and
 is left out from then on: it never fails a run.
 """
@@ -157,7 +158,10 @@ class MLflow(Tracker):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or mlruns_uri(config.get("output") or Path(run_dir).parent)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the local file store, which MLflow 3 keeps (in maintenance) behind this opt-in
+            uri = mlruns_uri(config.get("output") or Path(run_dir).parent)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "kdctl")
         exp = self.client.get_experiment_by_name(exp_name)
