@@ -226,7 +226,7 @@ def test_train_writes_tensorboard_events(tmp_path, tiny_retinanet, synth, capsys
     for key in ("loss", "lr", *[k for k in train_rows[0] if k.startswith("loss_")]):
         logged = [(e.step, e.value) for e in ea.Scalars(f"train/{key}")]
         assert [s for s, _ in logged] == [r["step"] for r in train_rows]
-        assert all(abs(v - r[key]) <= 1e-6 * max(1.0, abs(r[key])) for (_, v), r in zip(logged, train_rows))  # float32
+        assert all(abs(v - r[key]) <= 1e-6 * max(1.0, abs(r[key])) for (_, v), r in zip(logged, train_rows, strict=True))
     ev = [r for r in rows if r["type"] == "eval"][-1]
     assert ea.Scalars("val/AP")[-1].value == pytest.approx(ev["AP"], abs=1e-7)
     images = ea.Tags()["images"]
