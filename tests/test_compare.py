@@ -118,3 +118,20 @@ def test_seeds_without_baseline_and_baseline_with_resume_are_refused(tmp_path, c
     assert code == 2 and err == "error: --seeds 3 repeats the --baseline comparison; add --baseline\n"
     code, _, err = invoke(["distill", "--resume", str(tmp_path), "--baseline"], capsys)
     assert code == 2 and err.startswith("error: --baseline starts new runs")
+
+
+def test_each_run_reports_its_own_cpu_peak_memory():
+    """The baseline runs in the process the distillation ran in: its CPU peak (RSS) starts afresh, so a larger
+    earlier peak does not show up as its own."""
+    import numpy as np
+
+    from kdctl.engine.precision import peak_memory_mb, prepare_device, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    before = peak_memory_mb("cpu")
+    del big
+    prepare_device("cpu")
+    after = peak_memory_mb("cpu")
+    assert before - after > 48, (before, after)  # the 64 MiB peak is gone (allowing for allocator slack)
