@@ -63,8 +63,11 @@ def test_a_failing_tracker_is_one_warning_and_is_dropped():
     ts.log_row({"type": "train", "step": 1, "loss": 1.0})
     ts.log_row({"type": "train", "step": 2, "loss": 0.5})
     ts.log_images({"results": object()}, 2)
+    ts.log_images(lambda: 1 / 0, 3)  # images that cannot be made: a warning, nothing logged
     ts.close()
-    assert warnings == ["--report-to bad: RuntimeError: disk full; no more logging to it in this run"]
+    assert warnings == ["--report-to bad: RuntimeError: disk full; no more logging to it in this run",
+                        "--report-to: the evaluation images could not be made (ZeroDivisionError: division by "
+                        "zero); skipped"]
     assert good.calls == [("scalars", {"train/loss": 1.0}, 1), ("scalars", {"train/loss": 0.5}, 2),
                           ("images", ["results"], 2), ("close",)]
     assert bad.calls == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,8 +120,8 @@ class MetricsLog:
         if self.trackers:
             self.trackers.log_row(row)
 
-    def log_images(self, images: dict[str, Any], step: int) -> None:
-        """Images (HWC uint8) for the trackers; nothing without trackers."""
+    def log_images(self, images: dict[str, Any] | Callable[[], dict[str, Any]], step: int) -> None:
+        """Images (HWC uint8 by tag, or a function making them) for the trackers; nothing without trackers."""
         if self.trackers:
             self.trackers.log_images(images, step)
 

@@ -217,9 +217,18 @@ class Trackers:
             values = row_scalars(row)
             self._each("scalars", values, int(row["step"]))
 
-    def log_images(self, images: dict[str, Any], step: int) -> None:
-        """HWC uint8 RGB arrays by tag."""
-        if self.active and images:
+    def log_images(self, images: dict[str, Any] | Callable[[], dict[str, Any]], step: int) -> None:
+        """HWC uint8 RGB arrays by tag, or a function that makes them (called only when a tracker is active; one
+        that raises is a warning line, not a failed run)."""
+        if not self.active:
+            return
+        if callable(images):
+            try:
+                images = images()
+            except Exception as e:
+                self.warn(f"--report-to: the evaluation images could not be made ({first_line(e)}); skipped")
+                return
+        if images:
             self._each("images", images, step)
 
     def close(self) -> None:

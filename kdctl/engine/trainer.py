@@ -383,9 +383,8 @@ class Trainer:
         self.report.print(f"eval step {self.pos.step}: AP {percent(ap)}  AP50 {percent(row['AP50'])}  "
                           f"AP75 {percent(row['AP75'])}  ({row['eval_seconds']:.1f}s)")
         plot(self.metrics, self.run_dir / "results.png")
-        if self.metrics.trackers:  # the plot and sample predictions, as images
-            self.metrics.log_images(eval_images(self.run_dir / "results.png", self.val_set, results,
-                                                self.val_data.names, self.val_data.cat_ids), self.pos.step)
+        self.metrics.log_images(lambda: eval_images(self.run_dir / "results.png", self.val_set, results,  # trackers
+                                                    self.val_data.names, self.val_data.cat_ids), self.pos.step)
 
     def _batches_this_epoch(self) -> int:
         """Micro-batches this epoch will run: the whole epoch, or fewer when --max-steps ends the run in it."""
