@@ -56,7 +56,7 @@ def comparison_table(comp: dict[str, Any], title: str | None = None):
         t.add_row("teacher", *(points(teacher["metrics"][k]) for k in COLUMNS), "-", "-", "-")
     for side, label in (("baseline", "student, baseline (no KD)"), ("distilled", f"student + {comp['method']}")):
         cost = comp[f"{side}_cost"]
-        t.add_row(label + mean, *(points(comp[side][k]) for k in COLUMNS), f"{cost['seconds']:.1f}s",
+        t.add_row(label, *(points(comp[side][k]) for k in COLUMNS), f"{cost['seconds']:.1f}s",
                   f"{cost['step_time']:.3f}", f"{cost['peak_memory_mb']:.0f} MB")
     c = comp["cost"]
     t.add_row("gain (KD - baseline)", *(points(comp["gain"][k], signed=True) for k in COLUMNS), ratio(c["time_ratio"]),
