@@ -34,6 +34,7 @@ class RunInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     teacher_metrics: dict[str, float] = field(default_factory=dict)
     baseline_metrics: dict[str, float] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)  # RUN/comparison.json (kdctl distill --baseline)
     progress: dict[str, float] = field(default_factory=dict)  # what the run did: {"steps": N, "epochs": E}
 
     @property
@@ -100,7 +101,7 @@ def read_run(model: str | Path) -> RunInfo:
     info.progress = read_progress(run_dir, info.config)
     if info.teacher and (Path(info.teacher).expanduser() / "eval" / "best.json").is_file():
         info.teacher_metrics = _read_metrics(Path(info.teacher).expanduser() / "eval" / "best.json")
-    info.baseline_metrics = _quickstart_baseline(run_dir)
+    info.comparison = read_comparison(run_dir)
     return info
 
 
@@ -174,19 +175,14 @@ def _read_metrics(path: Path) -> dict[str, float]:
     return {k: float(row[k]) for k, _, _ in METRICS if isinstance(row.get(k), (int, float))}
 
 
-def _quickstart_baseline(run_dir: Path) -> dict[str, float]:
-    """The student trained without KD, when ``kdctl quickstart`` wrote this run (``OUT/quickstart.json``)."""
-    summary = run_dir.parent.parent / "quickstart.json"
-    if not summary.is_file():
-        return {}
+def read_comparison(run_dir: Path) -> dict[str, Any]:
+    """``RUN/comparison.json`` (``kdctl distill --baseline``, ``kdctl quickstart``); {} when absent or unreadable."""
+    path = run_dir / "comparison.json"
     try:
-        rows = json.loads(summary.read_text()).get("rows", [])
-    except (OSError, json.JSONDecodeError, AttributeError):
+        comp = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
         return {}
-    for row in rows:
-        if row.get("model") == "student":
-            return {k: float(row[k]) for k in ("AP", "AP50", "AP75") if k in row}
-    return {}
+    return comp if isinstance(comp, dict) and comp.get("runs") else {}
 
 
 # --------------------------------------------------------------------------- model card
@@ -280,6 +276,8 @@ def _recipe(info: RunInfo) -> list[str]:
 
 
 def _ap_table(info: RunInfo) -> list[str]:
+    if info.comparison:
+        return _gain_table(info)
     rows = []
     if info.teacher_metrics:
         rows.append((f"teacher ({_teacher_md(info)})", info.teacher_metrics))
@@ -308,3 +306,42 @@ def _usage(repo_id: str, family: str) -> list[str]:
     lines += ["```python", "import kdctl", "", f'det = kdctl.load("{repo_id}")',
               'det.predict_images(["image.jpg"])  # boxes (xyxy pixels), scores, labels, names', "```"]
     return lines
+
+
+def _pts(v: float | None, signed: bool = False) -> str:
+    if v is None or (not signed and v < 0):
+        return "-"
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def _gain_table(info: RunInfo) -> list[str]:
+    """The table of ``kdctl distill --baseline``: teacher, the same student without KD, the distilled student,
+    the gain (with several seeds: means, the paired 95 % confidence interval and per-seed gains) and the cost."""
+    c = info.comparison
+    keys = [k for k, _, _ in METRICS if k in c.get("gain", {})]
+    n = len(c["runs"])
+    mean = f" (mean of {n} seeds)" if n > 1 else ""
+    where = f"the {info.dataset} validation split" if info.dataset else "the validation split of the run's data"
+    lines = ["## Evaluation: the gain of distillation", "",
+             f"COCO bbox metrics (pycocotools, %) on {where} ({c.get('images', '?')} images, {c.get('steps', '?')} "
+             f"training steps per student). The baseline is the same student trained without KD: same init, data "
+             "order, recipe and steps.", "",
+             "| model | " + " | ".join(keys) + " | train time | peak memory |", "|---|" + "---|" * (len(keys) + 2)]
+    if c.get("teacher"):
+        lines.append(f"| teacher ({_teacher_md(info)}) | " + " | ".join(_pts(c["teacher"]["metrics"].get(k))
+                                                                        for k in keys) + " | - | - |")
+    for side, label in (("baseline", "student without KD"), ("distilled", f"student + {info.method or 'KD'}")):
+        cost = c.get(f"{side}_cost", {})
+        lines.append(f"| {label}{mean} | " + " | ".join(_pts(c[side].get(k)) for k in keys)
+                     + f" | {cost.get('seconds', 0):.0f} s | {cost.get('peak_memory_mb', 0):.0f} MB |")
+    ratio = c.get("cost", {}).get("time_ratio")
+    lines.append("| **gain** | " + " | ".join(f"**{_pts(c['gain'].get(k), True)}**" for k in keys)
+                 + f" | x{ratio or 0:.2f} | {c.get('cost', {}).get('extra_memory_mb', 0):+.0f} MB |")
+    if n > 1:
+        ci = c.get("ci95", {})
+        lines.append("| gain, 95 % CI (paired t) | " + " | ".join(
+            f"[{_pts(ci[k][0], True)}, {_pts(ci[k][1], True)}]" if ci.get(k) else "-" for k in keys) + " | | |")
+        for r in c["runs"]:
+            lines.append(f"| gain, seed {r['seed']} | " + " | ".join(_pts(r["gain"].get(k), True) for k in keys)
+                         + " | | |")
+    return [*lines, ""]

@@ -166,6 +166,9 @@ TrainAnn = Annotated[Path | None, Opt(help="Training annotation file (overrides 
 ValAnn = Annotated[Path | None, Opt(help="Validation annotation file (overrides the layout).")]
 Images = Annotated[Path | None, Opt(help="Image folder (overrides the layout).")]
 Trust = Annotated[bool, Opt(help="Allow transformers checkpoints that ship their own code.")]
+ReportTo = Annotated[str | None, Opt(help=(
+    "Experiment trackers, comma-separated: tensorboard (event files in the run directory), wandb, mlflow, all or "
+    "none (default: tensorboard when it is installed)."))]
 
 
 def _run(task: str, opts: dict) -> None:
@@ -185,7 +188,7 @@ def train(
     name: Name = None, output: Output = None, recipe: Recipe = None, resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
     label_map: LabelMap = None, head: Head = None, train_ann: TrainAnn = None, val_ann: ValAnn = None,
-    images: Images = None, trust_remote_code: Trust = False,
+    images: Images = None, trust_remote_code: Trust = False, report_to: ReportTo = None,
 ) -> None:
     """Train or fine-tune a detector without KD (a teacher for your data, or the non-distilled baseline)."""
     _run("train", locals())
@@ -206,7 +209,14 @@ def distill(
     resume: Resume = None, quiet: Quiet = False,
     no_pretrained_backbone: NoPretrained = False, backbone_weights: BackboneWeights = None,
     label_map: LabelMap = None, head: Head = None, train_ann: TrainAnn = None, val_ann: ValAnn = None,
-    images: Images = None, trust_remote_code: Trust = False,
+    images: Images = None, trust_remote_code: Trust = False, report_to: ReportTo = None,
+    baseline: Annotated[bool, Opt("--baseline", help=(
+        "Then train the same student without KD (same init, data order, recipe, steps) into RUN/baseline/, "
+        "evaluate teacher, baseline and distilled student on the same split and print the gain and its cost."))]
+    = False,
+    seeds: Annotated[int, Opt(min=1, help=(
+        "With --baseline: repeat both runs for this many seeds (--seed, --seed + 1, ...) and report the mean gain, "
+        "the per-seed gains and a paired 95% confidence interval."))] = 1,
 ) -> None:
     """Distil a teacher into a student: student detection loss + the KD loss of the auto-chosen method."""
     _run("distill", locals())

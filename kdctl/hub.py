@@ -1,7 +1,9 @@
 """Publish a student to the Hugging Face Hub: export, model card (:mod:`kdctl.card`), create_repo + upload_folder.
 
 What is uploaded: the exported model directory (:func:`kdctl.export.export_hf`: a transformers directory for the
-DETR family, a kdctl directory for CNN detectors) plus ``README.md``, the model card.
+DETR family, a kdctl directory for CNN detectors) plus ``README.md``, the model card, and the run's TensorBoard
+event files (``RUN/tensorboard/`` as ``runs/NAME/``, a ``--baseline`` run's as ``runs/NAME-baseline/``), which the
+Hub shows as the model's training metrics.
 
 The token comes from ``--token``, ``HF_TOKEN`` or the huggingface_hub login, in that order. It is passed to
 huggingface_hub only: never printed, never written to the run directory, the staging folder or the card, and
@@ -30,7 +32,10 @@ class PushResult:
 
 # --------------------------------------------------------------------------- push
 def stage(model: str | Path, repo_id: str, directory: Path) -> list[str]:
-    """Write what would be uploaded into ``directory``: the exported model and ``README.md``."""
+    """Write what would be uploaded into ``directory``: the exported model, ``README.md`` and the TensorBoard
+    logs (:func:`tensorboard_logs`); returns the files, relative to ``directory``."""
+    import shutil
+
     from kdctl.export import export_hf, load_for_export
 
     info = read_run(model)
@@ -38,7 +43,19 @@ def stage(model: str | Path, repo_id: str, directory: Path) -> list[str]:
     export_hf(det, directory)
     card = build_card(info, repo_id, det.family, det.architecture, det.label_names)
     (directory / "README.md").write_text(str(card))
-    return sorted(p.name for p in directory.iterdir() if p.is_file())
+    for dest, src in tensorboard_logs(info.run_dir).items():
+        shutil.copytree(src, directory / dest)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def tensorboard_logs(run_dir: Path | None) -> dict[str, Path]:
+    """``{"runs/NAME": RUN/tensorboard, "runs/NAME-baseline": RUN/baseline/tensorboard}``, those that hold event
+    files ({} for a bare model directory)."""
+    if run_dir is None:
+        return {}
+    found = {f"runs/{run_dir.name}": run_dir / "tensorboard",
+             f"runs/{run_dir.name}-baseline": run_dir / "baseline" / "tensorboard"}
+    return {k: v for k, v in found.items() if v.is_dir() and any(v.glob("events.out.tfevents*"))}
 
 
 def resolve_token(token: str | None) -> str:

@@ -2,9 +2,9 @@
 
 1. writes a synthetic COCO dataset (:mod:`kdctl.data.synth`);
 2. trains a teacher (a larger detector, a longer schedule);
-3. trains a smaller student without KD (the baseline);
-4. distils the same student, same recipe and steps, with the method ``--method auto`` picks;
-5. evaluates the three on the validation split and prints one table.
+3. distils a smaller student with the method ``--method auto`` picks and trains the same student without KD, same
+   init, recipe and steps (its baseline), and evaluates the teacher on the same split: the path of
+   ``kdctl distill --baseline`` (:func:`kdctl.engine.compare.run_with_baseline`), one table of the gain.
 
 The defaults are sized for 2 CPU cores and under 10 minutes; on a GPU the same pipeline runs at a larger image size.
 """
@@ -39,9 +39,12 @@ class QuickstartPlan:
 def run_quickstart(output: str | Path = "runs/quickstart", device: str = "auto", plan: QuickstartPlan | None = None,
                    quiet: bool = False, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the pipeline into ``output``; return the summary (also written to ``output/quickstart.json``):
-    ``device``, ``seconds``, ``data`` and one row per model (``model``, ``spec``, ``method``, ``seconds``,
-    ``run``, ``AP``, ``AP50``, ``AP75``). ``on_stage(title)`` is called as each stage starts."""
+    ``device``, ``seconds``, ``data``, the teacher's run and seconds, ``comparison`` (what
+    :func:`kdctl.engine.compare.run_with_baseline` returns: the distillation with its baseline and the teacher
+    evaluated on the same split) and one row per model (``model``, ``spec``, ``method``, ``seconds``, ``run``,
+    ``AP``, ``AP50``, ``AP75``). ``on_stage(title)`` is called as each stage starts."""
     from kdctl.data.synth import synthesize
+    from kdctl.engine.compare import run_with_baseline
     from kdctl.engine.config import RunConfig
     from kdctl.engine.rundir import resolve_device
     from kdctl.engine.trainer import train
@@ -56,24 +59,23 @@ def run_quickstart(output: str | Path = "runs/quickstart", device: str = "auto",
         raise KdctlError(f"{data} holds a partial dataset; remove it or pass another --output")
     common = dict(data=str(data), device=dev, imgsz=plan.imgsz, batch_size=plan.batch_size, seed=plan.seed,
                   output=str(out), pretrained_backbone=False, quiet=quiet, workers=1, log_every=20)
+    say = on_stage or (lambda title: None)
     t_all = time.perf_counter()
-    summary: dict[str, Any] = {"device": dev, "data": str(data), "imgsz": plan.imgsz, "rows": []}
-    teacher_dir = None
-    stages = [("teacher", plan.teacher, "train", plan.teacher_epochs, "teacher"),
-              ("student", plan.student, "train", plan.student_epochs, "student"),
-              ("student+KD", plan.student, "distill", plan.student_epochs, "student-kd")]
-    for label, spec, task, epochs, name in stages:
-        if on_stage is not None:
-            on_stage(f"{label}: {spec}" + (f" <- {plan.teacher}" if task == "distill" else ""))
-        cfg = RunConfig(task=task, model=spec, epochs=epochs, name=name,
-                        teacher=teacher_dir if task == "distill" else None,
-                        method="auto", **common)
-        t0 = time.perf_counter()
-        r = train(cfg)
-        teacher_dir = teacher_dir or str(r.run_dir)
-        summary["rows"].append({"model": label, "spec": spec, "method": r.method if task == "distill" else "-",
-                                "seconds": round(time.perf_counter() - t0, 1), "run": str(r.run_dir),
-                                **{k: r.metrics[k] for k in ("AP", "AP50", "AP75")}})
-    summary["seconds"] = round(time.perf_counter() - t_all, 1)
+    say(f"teacher: {plan.teacher}")
+    teacher = train(RunConfig(task="train", model=plan.teacher, epochs=plan.teacher_epochs, name="teacher", **common))
+    kd_cfg = RunConfig(task="distill", model=plan.student, teacher=str(teacher.run_dir), method="auto",
+                       epochs=plan.student_epochs, name="student-kd", **common)
+    comp = run_with_baseline(kd_cfg, seeds=1, on_stage=say)
+    first = comp["runs"][0]
+    rows = [("teacher", plan.teacher, "-", teacher.seconds, str(teacher.run_dir), comp["teacher"]["metrics"]),
+            ("student", plan.student, "-", first["baseline"]["seconds"], first["baseline"]["run"],
+             first["baseline"]["metrics"]),
+            ("student+KD", plan.student, comp["method"], first["distilled"]["seconds"], first["distilled"]["run"],
+             first["distilled"]["metrics"])]
+    summary: dict[str, Any] = {
+        "device": dev, "data": str(data), "imgsz": plan.imgsz, "seconds": round(time.perf_counter() - t_all, 1),
+        "teacher_run": str(teacher.run_dir), "teacher_seconds": round(teacher.seconds, 1), "comparison": comp,
+        "rows": [{"model": m, "spec": spec, "method": method, "seconds": round(secs, 1), "run": run,
+                  **{k: metrics[k] for k in ("AP", "AP50", "AP75")}} for m, spec, method, secs, run, metrics in rows]}
     write_json(out / "quickstart.json", summary)
     return summary

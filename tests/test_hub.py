@@ -283,3 +283,23 @@ def test_dry_run_writes_the_upload_locally(hub, detr_run, tmp_path, capsys):
     code, _, err = run(["push-to-hub", "--model", str(detr_run), "--repo-id", "acme/dry", "--dry-run", str(out_dir)],
                        capsys)
     assert code == 2 and "not empty" in err  # never overwritten
+
+
+def test_push_uploads_the_tensorboard_logs(hub, cnn_run, tmp_path, capsys):
+    """The run's TensorBoard events (and its --baseline run's) go to runs/NAME/ and runs/NAME-baseline/, byte for
+    byte, which the Hub shows as training metrics."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "exp"
+    shutil.copytree(cnn_run, run_dir)
+    for d in (run_dir / "tensorboard", run_dir / "baseline" / "tensorboard"):
+        with SummaryWriter(log_dir=str(d)) as w:
+            w.add_scalar("train/loss", 1.5, 1)
+    code, out, err = run(["push-to-hub", "--model", str(run_dir), "--repo-id", "acme/tb", "--token", TOKEN], capsys)
+    assert code == 0, err
+    files = hub.files[("acme/tb", "main")]
+    for src, dest in ((run_dir / "tensorboard", "runs/exp"), (run_dir / "baseline" / "tensorboard", "runs/exp-baseline")):
+        (event,) = src.glob("events.out.tfevents*")
+        assert files[f"{dest}/{event.name}"] == event.read_bytes()
+    assert not any("baseline/" in f and not f.startswith("runs/") for f in files)  # no baseline weights

@@ -1,4 +1,5 @@
-"""``kdctl quickstart``: the pipeline of :mod:`kdctl.quickstart`, with its stages and one table printed."""
+"""``kdctl quickstart``: the pipeline of :mod:`kdctl.quickstart`, with its stages and the table of the gain (the
+table of ``kdctl distill --baseline``) printed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from kdctl.commands.output import console
 
 
 def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", quiet: bool = False) -> dict[str, Any]:
-    """Run :func:`kdctl.quickstart.run_quickstart` and print the teacher, student and student + KD APs."""
-    from rich.table import Table
-
+    """Run :func:`kdctl.quickstart.run_quickstart`; print the teacher, baseline and distilled student's metrics,
+    the gain and its cost, and where everything is."""
+    from kdctl.commands.compare import points, print_comparison
     from kdctl.quickstart import QuickstartPlan, run_quickstart
 
     con = console()
@@ -19,17 +20,12 @@ def quickstart(output: str | Path = "runs/quickstart", device: str = "auto", qui
     con.print(f"[bold]kdctl quickstart[/]: synthetic dataset in {Path(output).expanduser() / 'data'}, imgsz "
               f"{plan.imgsz}", soft_wrap=True)
     summary = run_quickstart(output, device=device, plan=plan, quiet=quiet, on_stage=con.rule)
-    t = Table(title=f"kdctl quickstart ({summary['device']}, {summary['seconds']:.0f}s)")
-    for col in ("model", "spec", "KD", "AP", "AP50", "AP75", "time"):
-        t.add_column(col, justify="right" if col in {"AP", "AP50", "AP75", "time"} else "left")
-    for row in summary["rows"]:
-        t.add_row(row["model"], row["spec"], row["method"], *(f"{100 * row[k]:.1f}" for k in ("AP", "AP50", "AP75")),
-                  f"{row['seconds']:.0f}s")
-    con.print(t)
-    for row in summary["rows"]:
-        con.print(f"{row['model']}: {row['run']}", soft_wrap=True)
-    ap = {row["model"]: row["AP"] for row in summary["rows"]}
-    kd_run = summary["rows"][-1]["run"]
-    con.print(f"KD gain: {100 * (ap['student+KD'] - ap['student']):+.1f} AP. Next: kdctl eval --model {kd_run} "
-              f"--data {summary['data']}", soft_wrap=True)
+    comp = summary["comparison"]
+    print_comparison(comp, title=f"kdctl quickstart: {plan.teacher} -> {plan.student}, KD gain on the val split "
+                                 f"({comp['images']} images, {summary['device']}, {summary['seconds']:.0f}s in all)")
+    con.print(f"teacher: {summary['teacher_run']} (trained in {summary['teacher_seconds']:.0f}s)", soft_wrap=True)
+    kd_run = comp["runs"][0]["distilled"]["run"]
+    con.print(f"KD gain: {points(comp['gain']['AP'], signed=True)} AP. The same for your data: kdctl distill --teacher T "
+              f"--student S --data DIR --baseline. Next: kdctl eval --model {kd_run} --data {summary['data']}",
+              soft_wrap=True)
     return summary

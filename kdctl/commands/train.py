@@ -21,6 +21,11 @@ def run_training(task: str, opts: dict[str, Any]):
     opts = dict(opts)
     resume = opts.pop("resume", None)
     no_pre = opts.pop("no_pretrained_backbone", False)
+    baseline, seeds = opts.pop("baseline", False), opts.pop("seeds", 1)
+    if seeds > 1 and not baseline:
+        raise KdctlError(f"--seeds {seeds} repeats the --baseline comparison; add --baseline")
+    if baseline and resume is not None:
+        raise KdctlError("--baseline starts new runs; it cannot be combined with --resume")
     given: dict[str, Any] = {}
     for k, v in opts.items():
         if v is None or (isinstance(v, bool) and not v and k not in EXPLICIT_FLAGS):
@@ -37,6 +42,10 @@ def run_training(task: str, opts: dict[str, Any]):
         cfg = RunConfig(task=task, **given)
         if task == "distill" and cfg.teacher is None:
             raise KdctlError("distill needs --teacher SPEC and --student SPEC")
+        if baseline:
+            from kdctl.commands.compare import distill_with_baseline
+
+            return distill_with_baseline(cfg, seeds=seeds)
         return train(cfg)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -223,13 +223,18 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     dist_cls = distiller_class(method) if teacher is not None and method != "none" else None
     student_names, method_over = (dist_cls.student_setup(teacher, data.names) if dist_cls is not None
                                   else (list(data.names), {}))
+    exact = dist_cls is not None and dist_cls.same_label_space
+    if cfg.task == "train" and cfg.student_setup:  # a baseline paired with a distillation: the same student
+        s = cfg.student_setup
+        student_names, method_over, exact = list(s["labels"]), dict(s.get("overrides", {})), bool(s.get("exact"))
+    elif cfg.task == "distill":
+        cfg.student_setup = {"labels": list(student_names), "overrides": dict(method_over), "exact": exact}
     recipe = cfg.recipe or default_recipe_name(student_r.architecture or student_r.spec, student_r.family)
     apply_recipe(cfg, load_recipe(recipe))
     cfg.recipe = recipe
     over = student_overrides(cfg, student_r, last, method_over)
     student = build_student(cfg, str(last) if last is not None else student_r, student_names, over, warn)
     if last is None:  # a resumed run's last/ already has its head
-        exact = dist_cls is not None and dist_cls.same_label_space
         fit_head(cfg, student, student_names, data.label_map, exact, info or warn)
     student.set_classes(data.names, data.label_map, hint="; or give the model a head for the data's classes with "
                         "--head auto" if cfg.head == "keep" else "")

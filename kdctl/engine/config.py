@@ -87,6 +87,8 @@ class RunConfig:
     pretrained_backbone: bool = True
     backbone_weights: str | None = None  # a local ImageNet state dict for a preset student's backbone
     trust_remote_code: bool = False
+    report_to: str | None = None  # --report-to trackers, comma-separated; None = tensorboard when installed
+    student_setup: dict[str, Any] = field(default_factory=dict)  # {labels, overrides, exact}: see build_models
     hflip: float = 0.5
     ema: dict[str, Any] = field(default_factory=dict)  # {decay, warmups}, decay 0 = off (kdctl.engine.ema)
     augment: dict[str, Any] = field(default_factory=dict)  # the recipe's [augment] table (kdctl.data.augment)

@@ -83,11 +83,42 @@ def prepare_device(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats(torch.device(device))
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+    elif not device.startswith("cuda"):
+        reset_peak_rss()
+
+
+def reset_peak_rss() -> bool:
+    """Linux: restart the process's peak resident set size (``VmHWM``) from its current size, so that a process
+    running several runs (``distill --baseline``) reports each run's own peak (what an earlier run left behind is
+    collected and handed back to the system first). False where that is not possible."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_memory_mb(device: str) -> float:
+    """Peak memory of the run: CUDA's allocator peak, else the peak RSS since :func:`reset_peak_rss` (``VmHWM``;
+    ``ru_maxrss``, the whole process's peak, where /proc is missing)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdctl.engine.state import RunResult
+    from kdctl.engine.trackers import Trackers
 
 
 def percent(value: float) -> str:
@@ -101,11 +103,13 @@ class Reporter:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per logging step and per evaluation."""
+    """Append-only ``metrics.jsonl``: one JSON object per logging step and per evaluation, each row also handed to
+    the run's experiment trackers (:class:`kdctl.engine.trackers.Trackers`, ``--report-to``)."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, trackers: Trackers | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.trackers = trackers if trackers is not None and enabled else None
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -113,6 +117,17 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        if self.trackers:
+            self.trackers.log_row(row)
+
+    def log_images(self, images: dict[str, Any] | Callable[[], dict[str, Any]], step: int) -> None:
+        """Images (HWC uint8 by tag, or a function making them) for the trackers; nothing without trackers."""
+        if self.trackers:
+            self.trackers.log_images(images, step)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -6,13 +6,24 @@ import os
 from pathlib import Path
 
 
-def new_run_dir(output: str | Path, task: str, name: str | None = None) -> Path:
+def new_run_dir(output: str | Path, task: str, name: str | None = None, exact: str | Path | None = None) -> Path:
     """Create and return a fresh ``output/task/name`` directory; never reuses an existing one.
 
     ``name`` defaults to "exp"; when ``output/task/name`` exists, the first free ``name2``, ``name3``... is used.
+    ``exact``: create exactly this directory instead (its parent may exist; the directory itself must not).
     """
     from kdctl.errors import KdctlError
 
+    if exact is not None:
+        path = Path(exact).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path)
+            return path
+        except FileExistsError as e:
+            raise KdctlError(f"{path} already exists; nothing was overwritten") from e
+        except OSError as e:
+            raise KdctlError(f"cannot create the run folder {e.filename or path}: {e.strerror}") from e
     base = Path(output).expanduser() / task
     stem = name or "exp"
     candidate, n = base / stem, 2

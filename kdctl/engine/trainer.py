@@ -38,7 +38,9 @@ from kdctl.engine.ema import evaluated_model
 from kdctl.engine.precision import dtype_name, peak_memory_mb
 from kdctl.engine.progress import MetricsLog, Reporter, final_rows, percent, plot
 from kdctl.engine.runlock import RunLock
-from kdctl.engine.state import Position, RunResult
+from kdctl.engine.samples import eval_images
+from kdctl.engine.state import Position, RunResult, resolved_summary
+from kdctl.engine.trackers import open_trackers, parse_report_to
 from kdctl.errors import KdctlError
 from kdctl.io import write_json
 
@@ -49,13 +51,14 @@ MAX_NONFINITE = 5
 class Trainer:
     """Build everything from a RunConfig (or a run directory to resume) and run the loop.
 
-    ``on_step(trainer)`` is called after every optimiser step (tests use it to interrupt a run).
+    ``on_step(trainer)`` is called after every optimiser step (tests use it to interrupt a run). ``run_dir``: this
+    exact, new directory instead of the auto-numbered ``OUTPUT/TASK/NAME`` (``distill --baseline``'s baseline).
     """
 
     def __init__(self, cfg: RunConfig | None = None, *, resume: str | Path | None = None,
                  overrides: dict[str, Any] | None = None, on_step: Callable[[Trainer], None] | None = None,
-                 reporter: Reporter | None = None) -> None:
-        self.on_step = on_step
+                 reporter: Reporter | None = None, run_dir: str | Path | None = None) -> None:
+        self.on_step, self.exact_dir = on_step, run_dir
         self.resume_from: Path | None = None
         if resume is not None:
             run = Path(resume).expanduser()
@@ -83,6 +86,7 @@ class Trainer:
             raise KdctlError("no model: pass --model SPEC (train) or --student SPEC (distill)")
         if cfg.grad_accum < 1:
             raise KdctlError("--grad-accum must be >= 1")
+        parse_report_to(cfg.report_to)  # an unknown tracker is refused before anything is loaded
         device = resolve_device(cfg.device)
         self.dist = D.setup(device)
         if self.dist.enabled and device.startswith("cuda"):
@@ -124,31 +128,22 @@ class Trainer:
         if self.resume_from is not None:
             self.run_dir = self.resume_from
         elif main:
-            self.run_dir = new_run_dir(cfg.output, cfg.task, cfg.name)
+            self.run_dir = new_run_dir(cfg.output, cfg.task, cfg.name, exact=self.exact_dir)
             self.lock = RunLock(self.run_dir).acquire()
         else:
             self.run_dir = Path(cfg.output) / cfg.task / "_rank"
         if self.dist.enabled:  # every rank learns rank 0's directory
             self.run_dir = Path(D.gather_objects(str(self.run_dir), self.dist)[0])
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main)
+        trackers = open_trackers(cfg.report_to, self.run_dir, cfg.to_dict(), self.report.warn,
+                                 self.pos.step) if main else None  # rank 0 only
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=main, trackers=trackers)
         if self.resume_from is not None:
             self.metrics.truncate_after(self.pos.step)
         if main:
-            write_config(self.run_dir / "config.toml", cfg, self._resolved(names))
+            write_config(self.run_dir / "config.toml", cfg, resolved_summary(self, names))
         if self.teacher is not None:
             self.report.print(f"method: {self.method} (teacher {self.teacher.architecture} -> student "
                               f"{self.student.architecture}); teacher precision {dtype_name(self.teacher_amp)}")
-
-    def _resolved(self, names: list[str]) -> dict[str, Any]:
-        """What the run resolved, beside the options, in ``config.toml``."""
-        return {
-            "method": self.method, "lr": self.lr, "device": self.device, "world_size": self.dist.world,
-            "amp": dtype_name(self.amp, "off"), "teacher_amp": dtype_name(self.teacher_amp, "off"),
-            "channels_last": self.channels_last, "total_steps": self.total_steps,
-            "steps_per_epoch": self.steps_per_epoch, "save_every_steps": self.save_every,
-            "student": self.student.architecture, "teacher": self.teacher.architecture if self.teacher else "",
-            "classes": list(names), "trainable": self.trainable,
-        }
 
     # ------------------------------------------------------------------ state
     def _state(self, pos: Position, rng: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +184,8 @@ class Trainer:
             for loader in (getattr(self, "loader", None), getattr(self, "val_loader", None)):
                 shutdown_workers(loader)
             D.teardown()
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()  # the trackers
             if self.lock is not None:
                 self.lock.release()
 
@@ -386,6 +383,8 @@ class Trainer:
         self.report.print(f"eval step {self.pos.step}: AP {percent(ap)}  AP50 {percent(row['AP50'])}  "
                           f"AP75 {percent(row['AP75'])}  ({row['eval_seconds']:.1f}s)")
         plot(self.metrics, self.run_dir / "results.png")
+        self.metrics.log_images(lambda: eval_images(self.run_dir / "results.png", self.val_set, results,  # trackers
+                                                    self.val_data.names, self.val_data.cat_ids), self.pos.step)
 
     def _batches_this_epoch(self) -> int:
         """Micro-batches this epoch will run: the whole epoch, or fewer when --max-steps ends the run in it."""
