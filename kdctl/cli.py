@@ -229,9 +229,12 @@ def export(
     model: Annotated[str, Opt("--model", "-m", help="Run directory (exports its best/, else last/) or " + SPEC_HELP)],
     output: Annotated[Path, Opt("--output", "-o", help="Output directory (must be empty unless --force).")],
     format: Annotated[str, Opt("--format", "-f", help="hf (transformers dir; kdctl dir for CNNs), safetensors or onnx.")] = "hf",
-    half: Annotated[bool, Opt("--half", help="fp16 weights (hf/safetensors; not ONNX yet).")] = False,
+    half: Annotated[bool, Opt("--half", help=(
+        "fp16: weights (hf/safetensors); ONNX: an fp16 graph (DETRs: weights, activations and I/O; CNNs: weights), "
+        "checked in onnxruntime against fp32 PyTorch with the tolerance stated in model.onnx.json."))] = False,
     opset: Annotated[int, Opt(min=11, help="ONNX opset.")] = 17,
     imgsz: Annotated[int | None, Opt(min=32, help="ONNX example / fixed input side (default: the model's).")] = None,
+    simplify: Annotated[bool, Opt("--simplify", help="ONNX: simplify the graph (needs onnxslim or onnxsim).")] = False,
     force: Annotated[bool, Opt("--force", help="Write into a non-empty --output.")] = False,
     trust_remote_code: Trust = False,
 ) -> None:
@@ -241,7 +244,7 @@ def export(
     Faster R-CNN / RetinaNet / FCOS (one image per run, dynamic size)."""
     from kdctl.commands.export import export_command
 
-    export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force,
+    export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force, simplify=simplify,
                    trust_remote_code=trust_remote_code)
 
 
