@@ -307,6 +307,28 @@ def predict(
                     trust_remote_code=trust_remote_code, quiet=quiet)
 
 
+@app.command(short_help="Latency and throughput: PyTorch and ONNX Runtime, batch 1 and batch N.")
+def benchmark(
+    model: Annotated[str, Opt("--model", "-m", help="A kdctl model or run, an exported model.onnx, or " + SPEC_HELP)],
+    imgsz: Annotated[int | None, Opt(min=32, help="Input side (square; default: the model's).")] = None,
+    batch_size: Annotated[int, Opt(min=1, help="N of the batch-N rows (batch 1 is always measured).")] = 8,
+    device: Annotated[str, Opt(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    warmup: Annotated[int, Opt(min=0, help="Untimed runs before each row.")] = 3,
+    repeats: Annotated[int, Opt(min=1, help="Timed runs per row (the median is reported).")] = 10,
+    onnx: Annotated[bool, Opt("--onnx/--no-onnx", help="Also export to ONNX and time it in onnxruntime.")] = True,
+    half: Annotated[bool, Opt("--half", help="Time the fp16 ONNX graph (kdctl export --half).")] = False,
+    json_out: Annotated[Path | None, Opt("--json", help="Also write the measurements as JSON here.")] = None,
+    trust_remote_code: Trust = False,
+) -> None:
+    """Latency and throughput of a model at its input size, in PyTorch and as its ONNX export in onnxruntime, on
+    the current device, at batch 1 and batch N, with the warm-up and repeats stated: the number to compare a
+    teacher and its distilled student by."""
+    from kdctl.commands.benchmark import benchmark_command
+
+    benchmark_command(model, imgsz=imgsz, batch_size=batch_size, device=device, warmup=warmup, repeats=repeats,
+                      onnx=onnx, half=half, json_out=json_out, trust_remote_code=trust_remote_code)
+
+
 # --------------------------------------------------------------------------- data
 @data_app.command("synth")
 def data_synth(
