@@ -50,9 +50,10 @@ def draw(image: Any, det: dict[str, Any], names: list[str]) -> Any:
     text = [f"{names[c] if 0 <= c < len(names) else c} {s:.2f}" for c, s in zip(labels, det["scores"].tolist(),
                                                                             strict=True)]
     font = label_font()
+    width = max(2, round((h + w) / 2 * 0.003))  # Ultralytics' line width
     return draw_bounding_boxes(
-        image, det["boxes"].float().cpu(), labels=text, colors=colours, width=max(1, round(min(h, w) / 200)),
-        font=font, font_size=max(10, round(min(h, w) / 40)) if font else None,
+        image, det["boxes"].float().cpu(), labels=text, colors=colours, width=width,
+        font=font, font_size=max(11, round((h + w) / 2 * 0.03)) if font else None,
         fill_labels=True, label_colors=[text_colour(c) for c in colours],
     )
 
