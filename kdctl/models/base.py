@@ -195,7 +195,7 @@ class Detector(nn.Module):
             samples.append((img.as_subclass(Tensor), {"boxes": tgt["boxes"].as_subclass(Tensor),
                                                       "labels": tgt["labels"], "orig_size": (h, w)}))
         device = next(self.parameters()).device
-        dets = self.predict(collate(samples).to(device), score_threshold, max_detections)
+        dets = self.predict(collate(samples, stride=self.pad_stride).to(device), score_threshold, max_detections)
         names = self._dataset_names or self.label_names
         return [{"boxes": d["boxes"].tolist(), "scores": d["scores"].tolist(), "labels": d["labels"].tolist(),
                  "names": [names[i] for i in d["labels"].tolist()]} for d in dets]
