@@ -127,3 +127,27 @@ def test_simplify(detr_dir, tmp_path, monkeypatch):
     with pytest.raises(KdctlError, match="--simplify needs onnxslim or onnxsim"):
         export_model(str(detr_dir), "onnx", tmp_path / "n", imgsz=64, simplify=True)
     assert not (tmp_path / "n").exists()
+
+
+def test_cnn_half_graph_predicts_as_pytorch(tiny_retinanet, synth, tmp_path):
+    from kdctl.predict.onnx_runner import OnnxDetector
+
+    det = load_detector(tiny_retinanet)
+    torch.manual_seed(0)
+    with torch.no_grad():  # distinct scores: no ties for the two runtimes to break differently
+        for p in det.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    spec = str(det.save(tmp_path / "m"))
+    export_model(spec, "onnx", tmp_path / "fp32", imgsz=64)
+    res = export_model(spec, "onnx", tmp_path / "fp16", imgsz=64, half=True)
+    assert res.onnx["precision"].startswith("float16 weights (") and res.onnx["dtype"] == "float32"
+    size32, size16 = ((tmp_path / d / "model.onnx").stat().st_size for d in ("fp32", "fp16"))
+    assert size16 < 0.55 * size32
+    det = load_detector(spec).eval()
+    src = sorted((synth / "images").iterdir())[:2]
+    ref = det.predict_paths(src, conf=0.0).images
+    for d, atol in (("fp32", 1e-4), ("fp16", FP16_RTOL)):
+        got = OnnxDetector(tmp_path / d / "model.onnx").predict_paths(src, conf=0.0).images
+        for a, b in zip(got, ref, strict=True):  # the best detection: same class, score and box
+            assert a.labels[0] == b.labels[0] and abs(a.scores[0] - b.scores[0]) <= atol
+            np.testing.assert_allclose(a.boxes[0], b.boxes[0], atol=100 * atol)
