@@ -240,9 +240,12 @@ def export(
     model: Annotated[str, Opt("--model", "-m", help="Run directory (exports its best/, else last/) or " + SPEC_HELP)],
     output: Annotated[Path, Opt("--output", "-o", help="Output directory (must be empty unless --force).")],
     format: Annotated[str, Opt("--format", "-f", help="hf (transformers dir; kdctl dir for CNNs), safetensors or onnx.")] = "hf",
-    half: Annotated[bool, Opt("--half", help="fp16 weights (hf/safetensors; not ONNX yet).")] = False,
+    half: Annotated[bool, Opt("--half", help=(
+        "fp16: weights (hf/safetensors); ONNX: an fp16 graph (DETRs: weights, activations and I/O; CNNs: weights), "
+        "checked in onnxruntime against fp32 PyTorch with the tolerance stated in model.onnx.json."))] = False,
     opset: Annotated[int, Opt(min=11, help="ONNX opset.")] = 17,
     imgsz: Annotated[int | None, Opt(min=32, help="ONNX example / fixed input side (default: the model's).")] = None,
+    simplify: Annotated[bool, Opt("--simplify", help="ONNX: simplify the graph (needs onnxslim or onnxsim).")] = False,
     force: Annotated[bool, Opt("--force", help="Write into a non-empty --output.")] = False,
     trust_remote_code: Trust = False,
 ) -> None:
@@ -252,7 +255,7 @@ def export(
     Faster R-CNN / RetinaNet / FCOS (one image per run, dynamic size)."""
     from kdctl.commands.export import export_command
 
-    export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force,
+    export_command(model, format, output, half=half, opset=opset, imgsz=imgsz, force=force, simplify=simplify,
                    trust_remote_code=trust_remote_code)
 
 
@@ -273,6 +276,13 @@ def push_to_hub(
 
     push_command(model, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
                  dry_run=dry_run, force=force)
+
+
+# --------------------------------------------------------------------------- predict / benchmark
+from kdctl.commands.tools_cli import benchmark, predict  # noqa: E402  (Typer signatures only: no heavy import)
+
+app.command(short_help="Draw and write a model's detections for images, folders, globs and videos.")(predict)
+app.command(short_help="Latency and throughput: PyTorch and ONNX Runtime, batch 1 and batch N.")(benchmark)
 
 
 # --------------------------------------------------------------------------- data

@@ -7,8 +7,10 @@
                directory (``kdctl.json`` + ``model.safetensors``) that ``kdctl.load(DIR)`` loads.
 ``safetensors``  the weights (``model.safetensors``) plus the model's config: ``kdctl.json`` (both families)
                and the transformers ``config.json`` (DETRs). ``kdctl.load(DIR)`` loads it.
-``onnx``       ``model.onnx`` (legacy TorchScript exporter, ``dynamo=False``) plus ``model.onnx.json``
-               describing inputs, outputs, labels and normalisation; checked against PyTorch in onnxruntime.
+``onnx``       ``model.onnx`` (legacy TorchScript exporter, ``dynamo=False``; ``--half`` fp16, ``--simplify``) plus
+               ``model.onnx.json`` describing inputs, outputs, labels, normalisation and box format (also in the
+               graph's own ``metadata_props``); checked in onnxruntime against fp32 PyTorch
+               (:mod:`kdctl.onnx_check`, :mod:`kdctl.onnx_deploy`).
 =============  ===========================================================================================
 
 ONNX graphs (:data:`ONNX_SUPPORT`):
@@ -37,33 +39,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-
+from kdctl import onnx_deploy
 from kdctl.errors import KdctlError
 from kdctl.models.cnn import ARCHITECTURES as CNN_ARCHITECTURES
-from kdctl.models.cnn.onnx import MAX_DETECTIONS as CNN_MAX_DETECTIONS
-from kdctl.models.cnn.onnx import SCORE_THRESHOLD as CNN_SCORE_THRESHOLD
 from kdctl.models.cnn.onnx import export_onnx as export_cnn_onnx
-from kdctl.models.cnn.onnx import reference_outputs as cnn_reference_outputs
 from kdctl.models.detr import onnx as detr_onnx
 from kdctl.models.onnx_common import ONNX_FILE
+from kdctl.onnx_check import (  # noqa: F401  (re-exported: the parity API lived here)
+    CNN_BOX_RTOL,
+    CNN_SCORE_TOLERANCE,
+    ONNX_TOLERANCE,
+    match_detections,
+    onnx_parity,
+    run_onnx,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdctl.models.base import Detector
 
 FORMATS = ("hf", "safetensors", "onnx")
 ONNX_META = "model.onnx.json"
-ONNX_TOLERANCE = 1e-4  # fp32 max abs diff of the DETR raw outputs (measured ~1e-7)
-CNN_SCORE_TOLERANCE = 1e-4  # fp32 scores of the two runtimes (measured ~1e-7)
-CNN_BOX_RTOL = 1e-4  # fp32 box coordinates, relative to the longer image side (measured ~1e-5: 5e-3 px at 640)
 
 # torchvision / kdctl builder prefix -> ONNX shape support; the CNNs' is declared with each architecture
 # (kdctl.models.cnn.architectures), the DETRs' with each variant (kdctl.models.detr.variants, onnx_kind)
@@ -96,6 +97,7 @@ def export_model(
     imgsz: int | None = None,
     force: bool = False,
     check: bool = True,
+    simplify: bool = False,
     trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export the model a spec names (a run directory exports its ``best/``, else ``last/``) to ``output``.
@@ -104,8 +106,9 @@ def export_model(
         model: a model spec (run dir, model dir, hub id, preset, ``torchvision:NAME``).
         fmt: "hf", "safetensors" or "onnx".
         output: the output directory; refused when it exists and is not empty, unless ``force``.
-        half: fp16 weights (hf / safetensors); refused for ONNX (not supported yet).
+        half: fp16 weights (hf / safetensors); ONNX: an fp16 graph (:func:`export_onnx`).
         opset: ONNX opset.
+        simplify: ONNX: simplify the graph with onnxslim / onnxsim (one error line when neither is installed).
         imgsz: ONNX example / fixed input side (default: the model's ``imgsz``).
         check: run the ONNX graph in onnxruntime and compare with PyTorch.
     """
@@ -116,14 +119,17 @@ def export_model(
     det = load_for_export(model, trust_remote_code=trust_remote_code)
     if fmt == "onnx":
         onnx_kind(det)  # refuse unsupported architectures and options before writing anything
-        _refuse_half_onnx(half)
+        if simplify:
+            onnx_deploy.require_simplifier()
+    elif simplify:
+        raise KdctlError("--simplify applies to --format onnx only")
     with writing_into(out):
         if fmt == "hf":
             res = export_hf(det, out, half=half)
         elif fmt == "safetensors":
             res = export_safetensors(det, out, half=half)
         else:
-            res = export_onnx(det, out, half=half, opset=opset, imgsz=imgsz, check=check)
+            res = export_onnx(det, out, half=half, opset=opset, imgsz=imgsz, check=check, simplify=simplify)
         res.files = sorted(p.name for p in out.iterdir() if p.is_file())
     return res
 
@@ -241,142 +247,50 @@ def onnx_kind(det: Detector) -> str:
 
 
 def export_onnx(det: Detector, out: Path, *, half: bool = False, opset: int = 17, imgsz: int | None = None,
-                check: bool = True) -> ExportResult:
-    """Trace ``det`` to ``out/model.onnx``, write ``out/model.onnx.json`` and check the graph in onnxruntime."""
+                check: bool = True, simplify: bool = False) -> ExportResult:
+    """Trace ``det`` to ``out/model.onnx`` (optionally simplified, optionally fp16), write its description into
+    the graph's ``metadata_props`` and ``out/model.onnx.json``, and check it in onnxruntime against fp32 PyTorch.
+
+    ``half``: DETRs are converted in full to float16 (weights, activations, float inputs and outputs); when
+    onnxruntime refuses that graph or it misses the fp16 tolerance, and for the CNN graphs (whose NMS subgraphs the
+    converter cannot type), the weights only (float32 compute and I/O). ``model.onnx.json`` says which.
+    """
     onnx_kind(det)  # one line for an unsupported architecture, before tracing
     size = int(imgsz or det.imgsz)
     res = ExportResult("onnx", out, det.family, det.architecture)
-    _refuse_half_onnx(half)
+    path = out / ONNX_FILE
     if det.family == "detr":
-        meta, feeds = detr_onnx.export_onnx(det, out / ONNX_FILE, size, opset)
+        meta, feeds = detr_onnx.export_onnx(det, path, size, opset)
     else:
-        meta, feeds = export_cnn_onnx(det, out / ONNX_FILE, size, opset)
-    if check:
-        meta["parity"] = onnx_parity(det, out / ONNX_FILE, feeds, meta["outputs"])
+        meta, feeds = export_cnn_onnx(det, path, size, opset)
+    if simplify:
+        res.notes.append(onnx_deploy.simplify(path))
+    modes = (["full", "weights"] if det.family == "detr" else ["weights"]) if half else [None]
+    fp32 = path.read_bytes() if half else b""
+    for i, mode in enumerate(modes):
+        if mode is not None:
+            path.write_bytes(fp32)
+            meta["precision"] = onnx_deploy.to_half(path, mode)
+            if mode == "full":
+                for entry in meta["inputs"]:
+                    entry["dtype"] = "float16" if entry["dtype"] == "float32" else entry["dtype"]
+            else:
+                meta["inputs"] = [{**e, "dtype": "float32" if e["dtype"] == "float16" else e["dtype"]}
+                                  for e in meta["inputs"]]
+        meta["dtype"] = "float16" if mode == "full" else "float32"
+        onnx_deploy.write_metadata(path, meta)
+        try:
+            if check:
+                meta["parity"] = onnx_parity(det, path, feeds, meta["outputs"], half=half)
+            break
+        except KdctlError as e:
+            if i + 1 == len(modes):
+                raise
+            res.notes.append(f"full fp16 graph refused ({str(e)[:120]}); stored fp16 weights instead")
     (out / ONNX_META).write_text(json.dumps(meta, indent=2) + "\n")
     res.onnx = meta
     res.notes += _onnx_notes(meta)
     return res
-
-
-def _refuse_half_onnx(half: bool) -> None:
-    """fp16 graphs traced on the CPU mix fp16 and fp32 (onnxruntime refuses DETR's, Deformable's is off by 0.3)."""
-    if half:
-        raise KdctlError("fp16 ONNX export is not supported yet (CPU tracing gives mixed-precision graphs); export "
-                         "fp32 and convert the graph, e.g. with onnxconverter-common's float16 converter")
-
-
-def _ort_session(path: Path):
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise KdctlError("onnxruntime is not installed (pip install 'kdctl[onnx]'); pass check=False") from e
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path: Path, feeds: dict[str, Tensor]) -> list[Any]:
-    """Run the graph in onnxruntime (CPU) on torch tensors; returns numpy arrays in output order."""
-    sess = _ort_session(path)
-    return sess.run(None, {k: v.numpy() for k, v in feeds.items()})
-
-
-def onnx_parity(det: Detector, path: Path, feeds: dict[str, Tensor], outputs: list[dict[str, Any]]
-                ) -> dict[str, Any]:
-    """onnxruntime vs PyTorch on the example input; ``compared`` says on what.
-
-    DETR: max abs diff of the raw outputs of every query, within :data:`ONNX_TOLERANCE` (else KdctlError).
-    CNN: the post-processed detections, matched one to one (same label, scores within
-    :data:`CNN_SCORE_TOLERANCE`, nearest box), leaving out those whose score lies within the score tolerance of
-    the score threshold or of the top-100 cut (they may be kept by one runtime and not the other). ``unmatched``
-    counts detections without a partner and ``warning`` says why the check is weak or failed (untrained models
-    give tied scores, which change NMS choices between runtimes).
-    """
-    got = run_onnx(path, feeds)
-    with torch.no_grad():
-        if det.family == "detr":
-            ref = detr_onnx.reference_outputs(det, feeds)
-        else:
-            ref = cnn_reference_outputs(det, feeds)
-    names = [o["name"] for o in outputs]
-    shapes = {k: list(v.shape) for k, v in feeds.items()}
-    if det.family == "detr":
-        keep = detr_onnx.comparable_queries(det, feeds)  # RT-DETR: queries not tied in its top-k
-        sel = (lambda t: t) if keep is None else (lambda t: t[keep])
-        diffs = {n: float((sel(torch.from_numpy(g).float()) - sel(r.float())).abs().amax(0).max()) if sel(r).numel()
-                 else 0.0 for n, g, r in zip(names, got, ref, strict=True)}
-        which = (f"all {det.num_queries} queries" if keep is None else
-                 f"{int(keep.sum())} of {keep.numel()} queries (the others tie in the encoder's top-k)")
-        report: dict[str, Any] = {"compared": f"raw outputs of {which} on a random batch "
-                                              f"{shapes['pixel_values']}", "input_shapes": shapes,
-                                  "max_abs_diff": diffs}
-    else:
-        size = max(feeds["images"].shape[-2:])
-        report = {"input_shapes": shapes, **match_detections(got, ref, box_tolerance=CNN_BOX_RTOL * size)}
-    report["onnxruntime_ms"] = _ort_ms(path, feeds)
-    bad = {k: v for k, v in report["max_abs_diff"].items() if not v <= ONNX_TOLERANCE}
-    if det.family == "detr" and bad:
-        raise KdctlError(f"the ONNX graph does not match PyTorch (max abs diff {bad}); not exported correctly")
-    return report
-
-
-def match_detections(got: list[Any], ref: tuple[Tensor, ...], *, box_tolerance: float) -> dict[str, Any]:
-    """Pair the detections (boxes, scores, labels) of two runtimes one to one and report what was compared.
-
-    Only detections scoring at least the cut (the threshold, or the lowest kept score when a runtime returned
-    :data:`CNN_MAX_DETECTIONS`) plus :data:`CNN_SCORE_TOLERANCE` take part. In descending PyTorch score order,
-    each takes the unpaired onnxruntime detection of the same label, with a score within the tolerance, whose box
-    is nearest (max abs coordinate diff), when that box is within ``box_tolerance`` pixels.
-    """
-    gb, gs, gl = (torch.as_tensor(a) for a in got)
-    rb, rs, rl = ref
-    cut = CNN_SCORE_THRESHOLD
-    for s in (gs, rs):
-        if len(s) >= CNN_MAX_DETECTIONS:
-            cut = max(cut, float(s.min()))
-    floor = cut + CNN_SCORE_TOLERANCE
-    gk, rk = gs.double() >= floor, rs.double() >= floor
-    gb, gs, gl, rb, rs, rl = gb[gk].double(), gs[gk].double(), gl[gk], rb[rk].double(), rs[rk].double(), rl[rk]
-    cost = (rb[:, None] - gb[None]).abs().amax(-1) if len(rb) and len(gb) else torch.zeros((len(rb), len(gb)))
-    ok = (rl[:, None] == gl[None]) & ((rs[:, None] - gs[None]).abs() <= CNN_SCORE_TOLERANCE)
-    cost = torch.where(ok, cost.double(), torch.full_like(cost.double(), float("inf")))
-    box_diffs, score_diffs = [], []
-    for i in rs.argsort(descending=True).tolist():
-        if not len(gb):
-            break
-        j = int(cost[i].argmin())
-        if cost[i, j] <= box_tolerance:
-            box_diffs.append(float(cost[i, j]))
-            score_diffs.append(float((rs[i] - gs[j]).abs()))
-            cost[:, j] = float("inf")
-    matched = len(box_diffs)
-    report: dict[str, Any] = {
-        "compared": f"detections scoring >= {floor:.4g} ({len(rs)} PyTorch, {len(gs)} onnxruntime), matched one to "
-                    f"one by label, score (+-{CNN_SCORE_TOLERANCE:g}) and nearest box (+-{box_tolerance:.2g} px)",
-        "matched": matched, "unmatched": len(rs) - matched + len(gs) - matched,
-        "max_abs_diff": {"scores": max(score_diffs, default=0.0), "boxes": max(box_diffs, default=0.0)},
-    }
-    if report["unmatched"]:
-        report["warning"] = (f"{report['unmatched']} detections have no partner in the other runtime; tied scores "
-                             "of an untrained model change NMS choices, so check a trained model on real images")
-    elif not matched:
-        report["warning"] = (f"no detection scored >= {floor:.4g} on the random example image: nothing was "
-                             "compared; check a trained model on real images")
-    return report
-
-
-def _ort_ms(path: Path, feeds: dict[str, Tensor], repeats: int = 3) -> float:
-    """Median onnxruntime wall time (ms) of one run on ``feeds`` (a quick indication, not a benchmark)."""
-    sess = _ort_session(path)
-    inputs = {k: v.numpy() for k, v in feeds.items()}
-    sess.run(None, inputs)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, inputs)
-        times.append(1000 * (time.perf_counter() - t0))
-    return round(sorted(times)[len(times) // 2], 2)
 
 
 def _onnx_notes(meta: dict[str, Any]) -> list[str]:
@@ -384,14 +298,18 @@ def _onnx_notes(meta: dict[str, Any]) -> list[str]:
     outs = ", ".join(o["name"] for o in meta["outputs"])
     notes = [f"inputs: {ins} ({meta['normalization']['applied'].replace('by the caller', 'normalise first')})",
              f"outputs: {outs}; {meta['shapes']}; details in {ONNX_META}"]
+    if "precision" in meta:
+        notes.append(f"precision: {meta['precision']}")
+    notes.append("class names, input size, normalisation and box format are in the graph's metadata_props")
     if "parity" in meta:
         p = meta["parity"]
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in p["max_abs_diff"].items())
-        notes.append(f"onnxruntime vs PyTorch max abs diff: {diffs}, on {p['compared']} "
+        notes.append(f"onnxruntime vs float32 PyTorch max abs diff: {diffs} (tolerance {p['tolerance']}), on {p['compared']} "
                      f"({p['onnxruntime_ms']} ms per run on {p['input_shapes']})")
         if p.get("warning"):
             notes.append(f"warning: {p['warning']}")
     return notes
 
 
-__all__ = ["FORMATS", "ONNX_SUPPORT", "ExportResult", "export_model"]
+__all__ = ["CNN_BOX_RTOL", "CNN_SCORE_TOLERANCE", "FORMATS", "ONNX_SUPPORT", "ONNX_TOLERANCE", "ExportResult",
+           "export_model", "match_detections", "onnx_parity", "run_onnx"]

@@ -14,11 +14,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def export_command(model: str, fmt: str, output: Path, *, half: bool = False, opset: int = 17,
-                   imgsz: int | None = None, force: bool = False, trust_remote_code: bool = False) -> ExportResult:
+                   imgsz: int | None = None, force: bool = False, simplify: bool = False,
+                   trust_remote_code: bool = False) -> ExportResult:
     """``kdctl export``: export, then print the files, the ONNX parity and what the graph takes and gives."""
     from kdctl.export import export_model
 
-    res = export_model(model, fmt, output, half=half, opset=opset, imgsz=imgsz, force=force,
+    res = export_model(model, fmt, output, half=half, opset=opset, imgsz=imgsz, force=force, simplify=simplify,
                        trust_remote_code=trust_remote_code)
     c = console()
     c.print(f"exported {res.architecture} ({res.family}) as {res.format} to {res.output}: {', '.join(res.files)}",

@@ -195,10 +195,23 @@ class Detector(nn.Module):
             samples.append((img.as_subclass(Tensor), {"boxes": tgt["boxes"].as_subclass(Tensor),
                                                       "labels": tgt["labels"], "orig_size": (h, w)}))
         device = next(self.parameters()).device
-        dets = self.predict(collate(samples).to(device), score_threshold, max_detections)
+        dets = self.predict(collate(samples, stride=self.pad_stride).to(device), score_threshold, max_detections)
         names = self._dataset_names or self.label_names
         return [{"boxes": d["boxes"].tolist(), "scores": d["scores"].tolist(), "labels": d["labels"].tolist(),
                  "names": [names[i] for i in d["labels"].tolist()]} for d in dets]
+
+    def predict_paths(self, sources: list[str | Path], **kwargs: Any):
+        """Detect objects in images, folders, glob patterns and video files, optionally drawing them and writing
+        COCO results and YOLO labels into ``save_dir``: :func:`kdctl.predict.engine.predict_paths` (its options:
+        ``conf``, ``iou``, ``max_det``, ``imgsz``, ``classes``, ``batch_size``, ``save_dir``, ``save``,
+        ``save_txt``, ``save_conf``, ``vid_stride``, ``progress``). Returns a ``PredictResult``.
+
+        >>> res = kdctl.load("runs/distill/exp").predict_paths(["images/"], conf=0.3)  # doctest: +SKIP
+        >>> res.images[0].names, res.images[0].boxes                                # doctest: +SKIP
+        """
+        from kdctl.predict.engine import predict_paths
+
+        return predict_paths(self, sources, **kwargs)
 
     def _predict_raw(self, batch: Batch, score_threshold: float, max_detections: int) -> list[dict[str, Tensor]]:
         """Per image ``boxes`` xyxy in the RESIZED frame (pixels of ``batch.images``), ``scores``, ``labels``

@@ -73,6 +73,8 @@ def export_onnx(det: TorchvisionDetector, path: Path, size: int, opset: int
         ],
         normalization={"image_mean": list(t.image_mean), "image_std": list(t.image_std),
                        "applied": "inside the graph"},
+        box_format="xyxy pixels of the input image",
+        scores="post-processed (NMS inside the graph)",
         score_threshold=SCORE_THRESHOLD,
         max_detections=MAX_DETECTIONS,
     )

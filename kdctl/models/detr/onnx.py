@@ -120,6 +120,9 @@ def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[d
         ],
         normalization={"image_mean": list(det.image_mean), "image_std": list(det.image_std),
                        "applied": "outside the graph, by the caller"},
+        box_format="cxcywh normalised to [0, 1] of the " + ("square input" if square else "valid image region"),
+        scores="softmax, last class = no-object" if softmax else "sigmoid",
+        square_input=bool(square),
     )
     return meta, feeds
 

@@ -1,0 +1,49 @@
+"""kdctl benchmark: PyTorch and ONNX Runtime rows at batch 1 and N, throughput = batch / median latency, how it
+was measured stated; an exported graph alone gives the ONNX rows only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from clitools import invoke
+
+from kdctl.speed import benchmark
+
+
+@pytest.fixture(scope="module")
+def detr_dir(tmp_path_factory):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config={"model_type": "resnet", "depths": [1, 1, 1, 1],
+                                                 "hidden_sizes": [8, 16, 16, 32], "embedding_size": 8,
+                                                 "out_features": ["stage4"]},
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, id2label={0: "a"})
+    out = tmp_path_factory.mktemp("detr") / "m"
+    transformers.DetrForObjectDetection(cfg).save_pretrained(out)
+    return out
+
+
+def test_benchmark_rows(detr_dir):
+    rep = benchmark(str(detr_dir), imgsz=64, batch_size=3, device="cpu", warmup=1, repeats=3)
+    assert [(r.runtime, r.batch) for r in rep.rows] == [("PyTorch", 1), ("PyTorch", 3), ("ONNX Runtime", 1),
+                                                        ("ONNX Runtime", 3)]
+    for r in rep.rows:
+        assert 0 < r.latency_ms <= r.p90_ms
+        assert r.images_per_s == pytest.approx(1000 * r.batch / r.latency_ms, rel=1e-2)
+    assert "1 warm-up runs" in rep.setup and "3 timed runs" in rep.setup and "64x64" in rep.setup
+
+
+def test_benchmark_cli_json_and_onnx_only(detr_dir, tmp_path, capsys):
+    base = ["benchmark", "--imgsz", "64", "--batch-size", "2", "--device", "cpu", "--warmup", "0", "--repeats", "2"]
+    code, out, _ = invoke([*base, "--model", str(detr_dir), "--no-onnx", "--json", str(tmp_path / "s.json")], capsys)
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and "latency" in out and {r["runtime"] for r in saved["rows"]} == {"PyTorch"}
+    code, _, _ = invoke(["export", "--model", str(detr_dir), "--format", "onnx", "--imgsz", "64", "--output",
+                         str(tmp_path / "o")], capsys)
+    code, out, _ = invoke([*base, "--model", str(tmp_path / "o" / "model.onnx")], capsys)
+    assert code == 0 and "ONNX Runtime" in out and "PyTorch" not in out.split("speed of")[1].split("\n", 1)[1]
