@@ -32,6 +32,9 @@ TORCHVISION_PREFIXES: tuple[str, ...] = tuple(CNN_ARCHITECTURES)
 METHODS: dict[str, tuple[str, str, str]] = {
     "drkd": ("cnn", "cnn", "kdctl.distill.drkd:DRKD"),
     "kd-detr": ("detr", "detr", "kdctl.distill.kd_detr:KDDETR"),
+    "cwd": ("cnn", "cnn", "kdctl.distill.cwd:CWD"),
+    "pkd": ("cnn", "cnn", "kdctl.distill.pkd:PKD"),
+    "mgd": ("cnn", "cnn", "kdctl.distill.mgd:MGD"),
 }
 
 
