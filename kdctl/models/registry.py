@@ -52,7 +52,11 @@ def method_for_pair(teacher_family: str, student_family: str) -> str | None:
 
 
 def supported_pairs() -> str:
-    return "; ".join(f"{t} -> {s}: {m}" for m, (t, s, _) in METHODS.items())
+    """``"cnn -> cnn: drkd, cwd, ...; detr -> detr: kd-detr"`` (per pair, the one ``auto`` picks first)."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for m, (t, s, _) in METHODS.items():
+        pairs.setdefault((t, s), []).append(m)
+    return "; ".join(f"{t} -> {s}: {', '.join(ms)}" for (t, s), ms in pairs.items())
 
 
 def import_string(path: str):
