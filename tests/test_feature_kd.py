@@ -331,3 +331,25 @@ def test_engine_run_checkpoints_the_modules_and_exports_none(name, tmp_path):
     out_keys = set(load_file(str(exported.output / "model.safetensors")))
     assert saved == student_keys and out_keys == student_keys  # no adapter, no generator: the student only
     assert not any("align" in k or "generation" in k for k in student_keys)
+
+
+@pytest.mark.parametrize("teacher_preset,tch,student_preset,sch,strides", [
+    ("fasterrcnn-r18-fpn", 32, "fasterrcnn-r18-fpn", 16, [4, 8, 16, 32, 64]),  # widths 32 -> 16
+    ("fcos-r18-fpn", 32, "fasterrcnn-mobilenet-v2-fpn", 16, [8, 16, 32, 64]),  # one-stage -> two-stage
+    ("retinanet-r18-fpn", 16, "fcos-r18-fpn", 32, [8, 16, 32, 64, 128]),  # a wider student
+])
+def test_every_cnn_pair(teacher_preset, tch, student_preset, sch, strides):
+    from test_drkd import make_batch, tiny
+
+    teacher = tiny(teacher_preset, tch, seed=2).eval()
+    student = tiny(student_preset, sch, seed=3).train()
+    batch = make_batch()
+    out = student.forward_train(batch)
+    taps = teacher.forward_taps(batch)
+    for name, cls in METHODS.items():
+        d = cls(teacher, student)
+        assert d.strides == (strides[:4] if name == "pkd" or (name == "mgd" and student.architecture == "fasterrcnn")
+                             else strides)
+        assert [c.weight.shape for c in d.align.values()] == [(tch, sch, 1, 1)] * len(d.strides)
+        term = d(out, taps, batch)[f"kd_{name}"]
+        assert torch.isfinite(term) and float(term) > 0, (name, term)
