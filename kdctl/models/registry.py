@@ -32,6 +32,9 @@ TORCHVISION_PREFIXES: tuple[str, ...] = tuple(CNN_ARCHITECTURES)
 METHODS: dict[str, tuple[str, str, str]] = {
     "drkd": ("cnn", "cnn", "kdctl.distill.drkd:DRKD"),
     "kd-detr": ("detr", "detr", "kdctl.distill.kd_detr:KDDETR"),
+    "cwd": ("cnn", "cnn", "kdctl.distill.cwd:CWD"),
+    "pkd": ("cnn", "cnn", "kdctl.distill.pkd:PKD"),
+    "mgd": ("cnn", "cnn", "kdctl.distill.mgd:MGD"),
     "pred-kd": ("*", "*", "kdctl.distill.pred_kd:PredKD"),
 }
 ANY_FAMILY = "*"
@@ -57,10 +60,16 @@ def method_for_pair(teacher_family: str, student_family: str) -> str | None:
 
 
 def supported_pairs() -> str:
+    """``"cnn -> cnn: drkd, cwd, pkd, mgd; detr -> detr: kd-detr; any -> any: pred-kd"`` (per pair, the one
+    ``auto`` picks first)."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for m, (t, s, _) in METHODS.items():
+        pairs.setdefault((t, s), []).append(m)
+
     def fam(f: str) -> str:
         return "any" if f == ANY_FAMILY else f
 
-    return "; ".join(f"{fam(t)} -> {fam(s)}: {m}" for m, (t, s, _) in METHODS.items())
+    return "; ".join(f"{fam(t)} -> {fam(s)}: {', '.join(ms)}" for (t, s), ms in pairs.items())
 
 
 def import_string(path: str):
