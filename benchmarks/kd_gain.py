@@ -22,6 +22,7 @@ stand-in for a hub checkpoint):
 * ``fcos-synth`` (DRKD): the quickstart's FCOS pair and budget on its synthetic set (160 px, 8 student epochs).
 * ``dab-detr-synth`` (KD-DETR): the same DAB-DETRs on an easy synthetic set (1-3 shapes per image, 160 px).
 * ``detr`` (KD-DETR): DETR 6+6 -> DETR 2+3, both on the ImageNet backbone (a GPU job: see the findings).
+* ``rfdetr-synth`` (KD-DETR): RF-DETR Small -> RF-DETR Nano (presets, from scratch) on the dab-detr-synth set.
 
 Usage::
 
@@ -231,6 +232,15 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                      notes=["teacher: DETR 6+6 layers, d 256; student: DETR 2+3 layers, d 128; both on the ImageNet "
                             "MobileNet-V2 backbone (offline wheel), FrozenBatchNorm, backbone lr x0.1",
                             "AdamW lr 2e-4 (recipe: 1e-4)"]),
+    "rfdetr-synth": PairPlan("rfdetr-synth", "kd-detr", "rf-detr-small", "rf-detr-nano", "synth", imgsz=320,
+                             batch_size=8, teacher_epochs=30, student_epochs=12, eval_every=10, synth_images=600,
+                             synth_size=(128, 192),
+                             synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
+                             notes=["teacher: RF-DETR Small (3 decoder layers), student: RF-DETR Nano (2), both the "
+                                    "published architectures (windowed DINOv2-S) from scratch, recipe lwdetr; the "
+                                    "dab-detr-synth set (1-3 shapes of 24 px or more, 480 train / 120 val) at 320 px "
+                                    "(the smallest square multiple of 32 whose 16 px patches give the 300 queries' "
+                                    "top-k: 288 px)"]),
 }
 
 FULL = {
@@ -242,6 +252,7 @@ FULL = {
        for k in ("fasterrcnn", "retinanet")},
     "fcos-synth": replace(SMALL["fcos-synth"], imgsz=320, teacher_epochs=24, student_epochs=16),
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr")},
+    "rfdetr-synth": replace(SMALL["rfdetr-synth"], imgsz=384, teacher_epochs=100, student_epochs=50),
 }
 
 
@@ -840,7 +851,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
     p.add_argument("--pair", choices=(*SMALL, "all"), default="all",
-                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr, dab-detr-synth, detr (KD-DETR), or all of them")
+                   help="fcos, fasterrcnn, retinanet (DRKD), dab-detr, dab-detr-synth, detr, rfdetr-synth (KD-DETR), "
+                        "or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")

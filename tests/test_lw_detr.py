@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.kd_detr import KDDETR, sample_queries  # noqa: E402
+from kdctl.errors import KdctlError  # noqa: E402
 from kdctl.models.base import TrainOutput  # noqa: E402
 from kdctl.models.license import checkpoint_license  # noqa: E402
 from kdctl.specs import load_detector  # noqa: E402
@@ -191,6 +192,21 @@ def test_padded_input(dirs):
     with torch.no_grad():
         dets = rf.predict(b, score_threshold=0.0)[0]
     assert float(dets["boxes"][:, 2].max()) <= 100 + 1e-3 and float(dets["boxes"][:, 3].max()) <= 70 + 1e-3
+    rf.model.config.num_queries = 100  # 8 x 8 = 64 positions cannot give a top-100: one line, not torch's error
+    with pytest.raises(KdctlError, match=r"64 encoder positions, fewer than its 100 queries; use --imgsz 160"):
+        rf.pixel_inputs(b)
+
+
+def test_new_head_resizes_every_group_head(dirs):
+    """--head: the final class head and the encoder heads of all Group-DETR groups take the new label space."""
+    det = load_detector(dirs["lw_detr"])
+    old = det.model.model.enc_out_class_embed[2].weight[1].clone()
+    det.replace_head(["b", "new", "c"], {0: 1, 2: 2})
+    heads = [det.model.class_embed, *det.model.model.enc_out_class_embed]
+    assert all(h.out_features == 3 for h in heads) and torch.equal(heads[3].weight[0], old)
+    det.train()
+    det.set_classes(["b", "new", "c"])
+    assert torch.isfinite(sum(det.forward_train(batch()).losses.values()))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -151,6 +151,7 @@ class DetrDetector(Detector):
             h = w = max(h, w)
         m = self.variant.input_multiple(self.model)  # a windowed ViT: multiples of patch x windows
         h, w = -(-h // m) * m, -(-w // m) * m
+        self.variant.check_input_size(self.model, h, w)
         if (h, w) != tuple(images.shape[-2:]):
             pad = (0, w - images.shape[-1], 0, h - images.shape[-2])
             images, mask = torch.nn.functional.pad(images, pad), torch.nn.functional.pad(mask, pad)

@@ -30,6 +30,7 @@ What sets them apart from the other DETRs (transformers 5.24, ``modeling_lw_detr
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -121,8 +122,22 @@ class LwDetr(DetrVariant):
     def input_multiple(self, model: nn.Module) -> int:
         """patch x windows per side (x 2 with a 0.5 projector scale, a stride-2 convolution)."""
         bb = model.config.backbone_config
-        half = 2 if 0.5 in tuple(model.config.projector_scale_factors) else 1
+        half = 2 if 0.5 in self.scales(model) else 1
         return int(bb.patch_size) * int(bb.num_windows_side) * half
+
+    def scales(self, model: nn.Module) -> tuple[float, ...]:
+        """Feature-map scales relative to the patch grid, one per encoder memory level."""
+        return tuple(float(s) for s in model.config.projector_scale_factors)
+
+    def check_input_size(self, model: nn.Module, height: int, width: int) -> None:
+        """The encoder's top-k takes ``num_queries`` positions: refuse inputs with fewer (one line, not torch's)."""
+        patch, q = int(model.config.backbone_config.patch_size), self.num_queries(model)
+        cells = sum(int(height // patch * s) * int(width // patch * s) for s in self.scales(model))
+        if cells < q:
+            side = patch * math.ceil(math.sqrt(q / sum(s * s for s in self.scales(model))))
+            m = self.input_multiple(model)
+            raise KdctlError(f"{self.model_cls}: a {height}x{width} input gives {cells} encoder positions, fewer than "
+                             f"its {q} queries; use --imgsz {-(-side // m) * m} or more")
 
     def processor_kwargs(self, imgsz: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
         """Longer side ``imgsz`` (a multiple of :meth:`input_multiple`), padded to ``imgsz`` x ``imgsz`` with the
@@ -143,6 +158,9 @@ class RfDetr(LwDetr):
     def input_multiple(self, model: nn.Module) -> int:
         bb = model.config.backbone_config
         return int(bb.patch_size) * int(bb.num_windows)
+
+    def scales(self, model: nn.Module) -> tuple[float, ...]:
+        return (1.0,)  # one level at the patch grid (transformers 5.24: num_feature_levels = 1)
 
     @contextmanager
     def onnx_context(self, model: nn.Module, size: int) -> Iterator[None]:
