@@ -27,7 +27,7 @@ NAMES = ["a", "b", "c"]
 ARCHS = ["lw_detr", "rf_detr"]
 
 
-def build(arch: str, out: Path, d: int = 16, layers: int = 2, seed: int = 0) -> str:
+def build(arch: str, out: Path, d: int = 16, layers: int = 2, seed: int = 0, queries: int = 10) -> str:
     """A tiny model with 10 queries in 3 Group-DETR groups, dropout 0 (so that train mode is deterministic)."""
     import transformers as T
 
@@ -35,7 +35,7 @@ def build(arch: str, out: Path, d: int = 16, layers: int = 2, seed: int = 0) -> 
     labels = dict(enumerate(NAMES))
     common = dict(id2label=labels, label2id={n: i for i, n in labels.items()}, d_model=d, decoder_ffn_dim=2 * d,
                   decoder_layers=layers, decoder_self_attention_heads=2, decoder_cross_attention_heads=2,
-                  num_queries=10, group_detr=3, dropout=0.0)
+                  num_queries=queries, group_detr=3, dropout=0.0)
     if arch == "lw_detr":
         vit = T.LwDetrViTConfig(hidden_size=d, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                                 pretrain_image_size=64, patch_size=16, num_windows=1, out_indices=[1, 2])
@@ -192,9 +192,20 @@ def test_padded_input(dirs):
     with torch.no_grad():
         dets = rf.predict(b, score_threshold=0.0)[0]
     assert float(dets["boxes"][:, 2].max()) <= 100 + 1e-3 and float(dets["boxes"][:, 3].max()) <= 70 + 1e-3
-    rf.model.config.num_queries = 100  # 8 x 8 = 64 positions cannot give a top-100: one line, not torch's error
-    with pytest.raises(KdctlError, match=r"64 encoder positions, fewer than its 100 queries; use --imgsz 160"):
-        rf.pixel_inputs(b)
+
+
+
+def test_too_small_inputs_refused_and_probes_large_enough(tmp_path):
+    """80 queries need 9 x 9 patches of 16 px, 160 px in multiples of 32: a 128 px input is one error line (not
+    torch's top-k error), and the teacher's norm-folding probe uses 160 px."""
+    from kdctl.engine.fold import fold_teacher
+
+    det = load_detector(build("rf_detr", tmp_path / "q80", queries=80))
+    b = Batch(images=torch.rand(1, 3, 128, 128), sizes=[(128, 128)], orig_sizes=[(128, 128)])
+    assert det.min_side == 160
+    with pytest.raises(KdctlError, match=r"64 encoder positions, fewer than its 80 queries; use --imgsz 160 or more"):
+        det.pixel_inputs(b)
+    fold_teacher(det.eval(), "cpu")
 
 
 def test_new_head_resizes_every_group_head(dirs):

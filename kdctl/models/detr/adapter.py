@@ -34,10 +34,13 @@ Queries (:attr:`DetrDetector.query_kind`, :attr:`DetrDetector.query_dim`):
 * ``"embed2"`` [Q, 2 * d_model]: Deformable DETR (plain / box refine) ``[position | content]`` embeddings; the
   reference points come from the model's own ``reference_points`` head unless :meth:`DetrDetector.decode_groups`
   is given others (``reference_points``).
+* ``"box"`` [N, Q, 4]: LW-DETR / RF-DETR plain normalised boxes; each model decodes point j with its own learned
+  content of slot ``j mod Q`` (:mod:`kdctl.models.detr.lw_detr`).
 
 Parity (tests/test_detr_adapter.py): ``decode(taps, queries_used)`` reproduces the normal forward's final AND
 auxiliary logits/boxes (max abs diff < 1e-5) for DETR (with and without ``auxiliary_loss``), Table Transformer,
-Conditional DETR, DAB-DETR and Deformable DETR plain, with box refine and two-stage. Measured: exactly 0
+Conditional DETR, DAB-DETR and Deformable DETR plain, with box refine and two-stage (LW-DETR, RF-DETR, RT-DETR:
+their own test files). Measured: exactly 0
 everywhere except two-stage (~1e-7: its proposals are recovered as ``logit(sigmoid(x))`` from the recorded
 reference points). Not supported for decoding: DAB-DETR with ``num_patterns > 0`` (loads and predicts, but
 :meth:`decode` raises).
@@ -87,6 +90,7 @@ class DetrDetector(Detector):
         self.variant: DetrVariant = variant_for(model)
         # the mask covers any padding; only the square-input variants (RT-DETR: its FPN halves and doubles) need 32
         self.pad_stride = max(32 if self.variant.square_input else 1, self.variant.input_multiple(model))
+        self.min_side = self.variant.min_input_side(model)  # e.g. LW-DETR: enough positions for its top-k
         self.image_mean = tuple(float(v) for v in (image_mean or self.variant.image_mean))
         self.image_std = tuple(float(v) for v in (image_std or self.variant.image_std))
 

@@ -129,15 +129,20 @@ class LwDetr(DetrVariant):
         """Feature-map scales relative to the patch grid, one per encoder memory level."""
         return tuple(float(s) for s in model.config.projector_scale_factors)
 
+    def min_input_side(self, model: nn.Module) -> int:
+        """The smallest square input whose encoder positions cover the ``num_queries`` of the top-k."""
+        patch, q = int(model.config.backbone_config.patch_size), self.num_queries(model)
+        side = patch * math.ceil(math.sqrt(q / sum(s * s for s in self.scales(model))))
+        m = self.input_multiple(model)
+        return -(-side // m) * m
+
     def check_input_size(self, model: nn.Module, height: int, width: int) -> None:
         """The encoder's top-k takes ``num_queries`` positions: refuse inputs with fewer (one line, not torch's)."""
         patch, q = int(model.config.backbone_config.patch_size), self.num_queries(model)
         cells = sum(int(height // patch * s) * int(width // patch * s) for s in self.scales(model))
         if cells < q:
-            side = patch * math.ceil(math.sqrt(q / sum(s * s for s in self.scales(model))))
-            m = self.input_multiple(model)
             raise KdctlError(f"{self.model_cls}: a {height}x{width} input gives {cells} encoder positions, fewer than "
-                             f"its {q} queries; use --imgsz {-(-side // m) * m} or more")
+                             f"its {q} queries; use --imgsz {self.min_input_side(model)} or more")
 
     def processor_kwargs(self, imgsz: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
         """Longer side ``imgsz`` (a multiple of :meth:`input_multiple`), padded to ``imgsz`` x ``imgsz`` with the

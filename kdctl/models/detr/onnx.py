@@ -89,6 +89,7 @@ def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[d
     dtype = torch.float32
     m = det.variant.input_multiple(det.model)  # windowed ViTs (LW-DETR, RF-DETR): multiples of patch x windows
     size = -(-size // m) * m
+    det.variant.check_input_size(det.model, size, size)
     feeds = example_input(det, size, dtype)
     spatial = kind == "dynamic"
     axes = {

@@ -188,6 +188,10 @@ class DetrVariant:
         """Input height and width must be multiples of this (a windowed ViT's patch x windows); 1: any size."""
         return 1
 
+    def min_input_side(self, model: nn.Module) -> int:
+        """The smallest square input side the model runs at (probes use at least this)."""
+        return 1
+
     def check_input_size(self, model: nn.Module, height: int, width: int) -> None:
         """One KdctlError line for a (padded) input size the model cannot run (too few positions for its top-k)."""
         return None
