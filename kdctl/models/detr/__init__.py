@@ -20,8 +20,7 @@ Adding an architecture of this family: one :class:`~kdctl.models.detr.variants.D
 """
 
 from kdctl.boxes import cxcywh_to_xyxy
-from kdctl.models.detr import rt_detr  # noqa: F401  (registers the RT-DETR variants)
-from kdctl.models.detr import lw_detr  # noqa: F401,I001  (registers the LW-DETR / RF-DETR variants)
+from kdctl.models.detr import lw_detr, rt_detr  # noqa: F401  (register the LW-/RF-DETR and RT-DETR variants)
 from kdctl.models.detr.adapter import DetrDetector
 from kdctl.models.detr.backbone import (
     TRAINABLE_NORM_KEY,
