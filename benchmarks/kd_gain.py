@@ -24,6 +24,8 @@ stand-in for a hub checkpoint):
 * ``detr`` (KD-DETR): DETR 6+6 -> DETR 2+3, both on the ImageNet backbone (a GPU job: see the findings).
 * ``detr-fcos-synth`` / ``fcos-detr-synth`` (pred-kd, across families): the dab-detr-synth DAB-DETR teacher -> the
   FCOS x0.5 student, and an FCOS MobileNet-V2 teacher -> the DAB-DETR 2+3 student, on the dab-detr-synth data.
+* ``rtdetr-synth`` (KD-DETR): RT-DETR r18vd -> the same at d 128, 2 decoder layers (from scratch, 160 px).
+* ``rfdetr-synth`` (KD-DETR): RF-DETR Small -> RF-DETR Nano (presets, from scratch) on the dab-detr-synth set.
 
 Usage::
 
@@ -255,6 +257,15 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                      notes=["teacher: DETR 6+6 layers, d 256; student: DETR 2+3 layers, d 128; both on the ImageNet "
                             "MobileNet-V2 backbone (offline wheel), FrozenBatchNorm, backbone lr x0.1",
                             "AdamW lr 2e-4 (recipe: 1e-4)"]),
+    "rfdetr-synth": PairPlan("rfdetr-synth", "kd-detr", "rf-detr-small", "rf-detr-nano", "synth", imgsz=320,
+                             batch_size=8, teacher_epochs=30, student_epochs=12, eval_every=10, synth_images=600,
+                             synth_size=(128, 192),
+                             synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
+                             notes=["teacher: RF-DETR Small (3 decoder layers), student: RF-DETR Nano (2), both the "
+                                    "published architectures (windowed DINOv2-S) from scratch, recipe lwdetr; the "
+                                    "dab-detr-synth set (1-3 shapes of 24 px or more, 480 train / 120 val) at 320 px "
+                                    "(the smallest square multiple of 32 whose 16 px patches give the 300 queries' "
+                                    "top-k: 288 px)"]),
 }
 SMALL.update({  # across families (issue #15): pred-kd, the method auto picks there, on dab-detr-synth's easy set
     "detr-fcos-synth": replace(SMALL["dab-detr-synth"], pair="detr-fcos-synth", method="pred-kd",
@@ -280,6 +291,7 @@ FULL = {
     **{k: replace(SMALL[k], imgsz=640, batch_size=8, teacher_epochs=100, student_epochs=50) for k in ("dab-detr", "dab-detr-synth", "detr", "rtdetr-synth")},
     "detr-fcos-synth": replace(SMALL["detr-fcos-synth"], imgsz=320, teacher_epochs=100, student_epochs=24),
     "fcos-detr-synth": replace(SMALL["fcos-detr-synth"], imgsz=320, teacher_epochs=24, student_epochs=50),
+    "rfdetr-synth": replace(SMALL["rfdetr-synth"], imgsz=384, teacher_epochs=100, student_epochs=50),
 }
 
 
@@ -1063,8 +1075,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="CPU-sized plan (2 cores, under an hour for both pairs)")
     p.add_argument("--pair", choices=(*SMALL, "all"), default="all",
-                   help="fcos, fasterrcnn, retinanet, fcos-synth (DRKD), dab-detr, dab-detr-synth, detr (KD-DETR), "
-                        "detr-fcos-synth, fcos-detr-synth (across families: pred-kd), or all of them")
+                   help="fcos, fasterrcnn, retinanet, fcos-synth (DRKD), dab-detr, dab-detr-synth, detr, rtdetr-synth, rfdetr-synth "
+                        "(KD-DETR), detr-fcos-synth, fcos-detr-synth (across families: pred-kd), or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
     p.add_argument("--device", default="auto")

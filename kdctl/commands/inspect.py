@@ -9,6 +9,7 @@ from kdctl.commands.output import console
 
 
 def inspect_model(spec: str, *, as_json: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    from kdctl.models.license import checkpoint_license
     from kdctl.specs import load_detector, resolve
 
     r = resolve(spec)
@@ -16,6 +17,9 @@ def inspect_model(spec: str, *, as_json: bool = False, trust_remote_code: bool =
     placeholder = ["object"] if r.kind == "preset" else None
     det = load_detector(r, label_names=placeholder, pretrained_backbone=False, trust_remote_code=trust_remote_code)
     info = det.info()
+    lic = checkpoint_license(r.path)  # what the checkpoint's card or config states, if anything
+    if lic:
+        info["license"] = lic
     if placeholder:
         info.update(num_labels=None, label_names=[], labels="taken from the data or teacher",
                     parameters_note="counted with a 1-class head")

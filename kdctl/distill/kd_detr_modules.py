@@ -114,6 +114,8 @@ def sample_queries(model: Any, n: int, *, generator: torch.Generator | None = No
         z = torch.rand(shape, generator=generator, device=draw_on)
     if model.query_kind in ("anchor4", "proposal"):  # boxes before the sigmoid
         out = z if distribution == "normal" else torch.logit(z.clamp(1e-4, 1 - 1e-4))
+    elif model.query_kind == "box":  # plain normalised boxes (LW-DETR, RF-DETR): the same boxes after the sigmoid
+        out = z.sigmoid() if distribution == "normal" else z
     else:
         if distribution == "uniform":
             z = (z - 0.5) * math.sqrt(12.0)  # zero mean, unit variance

@@ -111,6 +111,7 @@ def fold_teacher(teacher: nn.Module, device: str | torch.device, side: int = 128
     from kdctl.data.batch import Batch
 
     gen = torch.Generator().manual_seed(0)  # the global RNG is left alone (exact resume)
+    side = max(side, int(getattr(teacher, "min_side", 1)))  # LW-DETR / RF-DETR: enough positions for the top-k
     images = torch.rand((1, 3, side, side), generator=gen).to(device)
     batch = Batch(images=images, sizes=[(side, side)], orig_sizes=[(side, side)],
                   targets=[{"boxes": torch.zeros((0, 4), device=device),

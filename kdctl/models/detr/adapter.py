@@ -34,10 +34,13 @@ Queries (:attr:`DetrDetector.query_kind`, :attr:`DetrDetector.query_dim`):
 * ``"embed2"`` [Q, 2 * d_model]: Deformable DETR (plain / box refine) ``[position | content]`` embeddings; the
   reference points come from the model's own ``reference_points`` head unless :meth:`DetrDetector.decode_groups`
   is given others (``reference_points``).
+* ``"box"`` [N, Q, 4]: LW-DETR / RF-DETR plain normalised boxes; each model decodes point j with its own learned
+  content of slot ``j mod Q`` (:mod:`kdctl.models.detr.lw_detr`).
 
 Parity (tests/test_detr_adapter.py): ``decode(taps, queries_used)`` reproduces the normal forward's final AND
 auxiliary logits/boxes (max abs diff < 1e-5) for DETR (with and without ``auxiliary_loss``), Table Transformer,
-Conditional DETR, DAB-DETR and Deformable DETR plain, with box refine and two-stage. Measured: exactly 0
+Conditional DETR, DAB-DETR and Deformable DETR plain, with box refine and two-stage (LW-DETR, RF-DETR, RT-DETR:
+their own test files). Measured: exactly 0
 everywhere except two-stage (~1e-7: its proposals are recovered as ``logit(sigmoid(x))`` from the recorded
 reference points). Not supported for decoding: DAB-DETR with ``num_patterns > 0`` (loads and predicts, but
 :meth:`decode` raises).
@@ -86,7 +89,8 @@ class DetrDetector(Detector):
         super().__init__(model, label_names, architecture, imgsz)
         self.variant: DetrVariant = variant_for(model)
         # the mask covers any padding; only the square-input variants (RT-DETR: its FPN halves and doubles) need 32
-        self.pad_stride = 32 if self.variant.square_input else 1
+        self.pad_stride = max(32 if self.variant.square_input else 1, self.variant.input_multiple(model))
+        self.min_side = self.variant.min_input_side(model)  # e.g. LW-DETR: enough positions for its top-k
         self.image_mean = tuple(float(v) for v in (image_mean or self.variant.image_mean))
         self.image_std = tuple(float(v) for v in (image_std or self.variant.image_std))
 
@@ -146,11 +150,15 @@ class DetrDetector(Detector):
         """(pixel_values [N, 3, H, W] normalised and zero on padding, pixel_mask [N, H, W] int64); a square
         [N, 3, S, S], S = max(H, W), for the variants that ignore the mask (:meth:`frame_sizes`)."""
         images, mask = batch.images, batch.pixel_mask()
-        if self.variant.square_input:
-            h, w = images.shape[-2:]
-            side = max(h, w)
-            images = torch.nn.functional.pad(images, (0, side - w, 0, side - h))
-            mask = torch.nn.functional.pad(mask, (0, side - w, 0, side - h))
+        h, w = images.shape[-2:]
+        if self.variant.square_input or self.variant.square_pad:
+            h = w = max(h, w)
+        m = self.variant.input_multiple(self.model)  # a windowed ViT: multiples of patch x windows
+        h, w = -(-h // m) * m, -(-w // m) * m
+        self.variant.check_input_size(self.model, h, w)
+        if (h, w) != tuple(images.shape[-2:]):
+            pad = (0, w - images.shape[-1], 0, h - images.shape[-2])
+            images, mask = torch.nn.functional.pad(images, pad), torch.nn.functional.pad(mask, pad)
         return self.normalize(images, mask), mask
 
     def frame_sizes(self, batch: Batch) -> list[tuple[int, int]]:
@@ -207,10 +215,10 @@ class DetrDetector(Detector):
             raise KdctlError(f"{type(self.model).__name__}: the decoder was not called with keyword arguments")
         kw, recorded = rec["kwargs"], rec.get("recorded", {})
         logits, boxes = v.heads(self.model, rec["output"], kw)
-        dn = v.denoising_prefix(self.model, kw)  # training-only denoising queries never enter the taps
+        own = v.tap_slice(self.model, kw)  # denoising queries, Group-DETR's training groups never enter the taps
         taps = {
-            "logits": logits[..., dn:, :],
-            "boxes": boxes[..., dn:, :],
+            "logits": logits[..., own, :],
+            "boxes": boxes[..., own, :],
             "queries": v.used_queries(self.model, kw),
             "reference_points": v.used_reference_points(self.model, kw),
             "query_index": v.used_index(self.model, recorded),
@@ -320,7 +328,8 @@ class DetrDetector(Detector):
         if any(r is not None for r in refs):
             own = call["reference_points"].chunk(len(refs))
             call["reference_points"] = torch.cat([o if r is None else r for o, r in zip(own, refs, strict=True)])
-        out = self.variant.decoder(self.model)(**call)
+        with self.variant.decode_context(self.model):
+            out = self.variant.decoder(self.model)(**call)
         return self.variant.heads(self.model, out, call)
 
     # ------------------------------------------------------------------ inference
@@ -358,8 +367,9 @@ class DetrDetector(Detector):
         cfg.label2id = {name: i for i, name in enumerate(self.label_names)}
         with quiet_transformers():
             self.model.save_pretrained(directory, safe_serialization=True)
+            m = self.variant.input_multiple(self.model)
             processor = getattr(transformers, self.variant.processor_cls)(
-                **self.variant.processor_kwargs(self.imgsz, self.image_mean, self.image_std))
+                **self.variant.processor_kwargs(-(-self.imgsz // m) * m, self.image_mean, self.image_std))
             processor.save_pretrained(directory)
         return directory
 

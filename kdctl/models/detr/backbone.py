@@ -175,10 +175,10 @@ def load_imagenet_backbone(model: nn.Module) -> None:
     import timm
 
     bcfg = model.config.backbone_config
-    if getattr(bcfg, "model_type", None) != "timm_backbone":
-        raise KdctlError(
-            "ImageNet backbone weights are only available for timm backbones (use_timm_backbone = true); "
-            "pass --no-pretrained-backbone"
+    if getattr(bcfg, "model_type", None) != "timm_backbone":  # train/distill: a warning, then from scratch
+        raise BackboneWeightsUnavailable(
+            f"ImageNet backbone weights are only available for timm backbones (use_timm_backbone = true), not "
+            f"{getattr(bcfg, 'model_type', None)}; pass --no-pretrained-backbone"
         )
     try:
         source = timm.create_model(

@@ -36,7 +36,8 @@ def class_heads(model: nn.Module) -> list[nn.Linear]:
     """Every class head ``nn.Linear`` of a transformers DETR (shared modules listed once)."""
     found: list[nn.Module] = []
     for owner, attr in ((model, "class_labels_classifier"), (model, "class_embed"),
-                        (getattr(getattr(model, "model", None), "decoder", None), "class_embed")):
+                        (getattr(getattr(model, "model", None), "decoder", None), "class_embed"),
+                        (getattr(model, "model", None), "enc_out_class_embed")):  # LW-DETR / RF-DETR groups
         head = getattr(owner, attr, None) if owner is not None else None
         found.extend(head if isinstance(head, nn.ModuleList) else [head] if head is not None else [])
     out: list[nn.Linear] = []

@@ -206,6 +206,9 @@ def init_queries(model: nn.Module) -> None:
         emb = getattr(inner, name, None)
         if isinstance(emb, nn.Embedding):
             emb.weight.normal_()
+    if isinstance(getattr(inner, "query_feat", None), nn.Embedding):  # LW-DETR / RF-DETR: official init
+        inner.query_feat.weight.normal_()  # nn.Embedding's default
+        inner.reference_point_embed.weight.zero_()  # refined boxes start at the encoder's proposals
     refs = getattr(inner, "query_refpoint_embeddings", None)
     if isinstance(refs, nn.Embedding) and getattr(model.config, "random_refpoints_xy", False):
         xy = refs.weight[:, :2].uniform_(0, 1).clamp(1e-5, 1 - 1e-5)

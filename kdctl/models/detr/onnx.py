@@ -87,6 +87,9 @@ def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[d
     graph's description for ``model.onnx.json`` and the example input it was traced on."""
     kind = onnx_kind(det)
     dtype = torch.float32
+    m = det.variant.input_multiple(det.model)  # windowed ViTs (LW-DETR, RF-DETR): multiples of patch x windows
+    size = -(-size // m) * m
+    det.variant.check_input_size(det.model, size, size)
     feeds = example_input(det, size, dtype)
     spatial = kind == "dynamic"
     axes = {
@@ -96,7 +99,9 @@ def export_onnx(det: DetrDetector, path: Path, size: int, opset: int) -> tuple[d
         "pred_boxes": {0: "batch"},
     }
     axes = {k: v for k, v in axes.items() if k in feeds or k in ("logits", "pred_boxes")}
-    trace(DetrOnnx(det.model).eval(), tuple(feeds.values()), path, list(feeds), ["logits", "pred_boxes"], axes, opset)
+    with det.variant.onnx_context(det.model, size):
+        trace(DetrOnnx(det.model).eval(), tuple(feeds.values()), path, list(feeds), ["logits", "pred_boxes"], axes,
+              opset)
     hw: list[Any] = ["height", "width"] if spatial else [size, size]
     softmax = det.logit_kind == "softmax"
     classes = det.num_classes + (1 if softmax else 0)

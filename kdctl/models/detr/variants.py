@@ -13,7 +13,7 @@ Variants are stateless: every method takes the transformers model it describes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -72,6 +72,8 @@ class DetrVariant:
     loss_weighted: ClassVar[bool] = False
     # the model ignores the pixel mask: feed a square input (the batch padded to max(H, W)), boxes relative to it
     square_input: ClassVar[bool] = False
+    # the model honours the pixel mask but its backbone needs a square input (RF-DETR's windowed ViT): pad to a square
+    square_pad: ClassVar[bool] = False
     recipe: ClassVar[str] = "detr"  # the recipe (presets/recipes) a model of this architecture trains with by default
     # tap name -> submodule path whose output the normal forward records (taps["recorded"])
     record_modules: ClassVar[dict[str, str]] = {}
@@ -126,6 +128,11 @@ class DetrVariant:
         """How many training-only (denoising) queries precede the model's own in the recorded decoder pass."""
         return 0
 
+    def tap_slice(self, model: nn.Module, kw: dict[str, Any]) -> slice:
+        """The model's own queries among those of the recorded decoder pass (the taps keep only them): after the
+        denoising queries (RT-DETR), or the first query group of a Group-DETR model in training (LW-DETR)."""
+        return slice(self.denoising_prefix(model, kw), None)
+
     def used_index(self, model: nn.Module, recorded: dict[str, Tensor]) -> Tensor | None:
         """[N, Q] encoder-memory positions of the model's own queries, where its query content comes from there."""
         return None
@@ -152,6 +159,10 @@ class DetrVariant:
     def check_decodable(self, model: nn.Module) -> None:
         return None
 
+    def decode_context(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """Entered around every decoder call on custom queries (Group-DETR models: attention as in eval mode)."""
+        return nullcontext()
+
     def query_kwargs(self, model: nn.Module, kw: dict[str, Any], q: Tensor) -> dict[str, Any]:  # pragma: no cover
         """Decoder kwargs that replace the model's queries by ``q`` [N, G, D]."""
         raise NotImplementedError
@@ -167,6 +178,22 @@ class DetrVariant:
 
     def check_preset(self, kwargs: dict[str, Any], where: str) -> None:
         """Refuse preset config values the architecture cannot build."""
+        return None
+
+    def onnx_context(self, model: nn.Module, size: int) -> AbstractContextManager[Any]:
+        """Entered around the ONNX trace at ``size`` x ``size`` (RF-DETR: its position embeddings as constants)."""
+        return nullcontext()
+
+    def input_multiple(self, model: nn.Module) -> int:
+        """Input height and width must be multiples of this (a windowed ViT's patch x windows); 1: any size."""
+        return 1
+
+    def min_input_side(self, model: nn.Module) -> int:
+        """The smallest square input side the model runs at (probes use at least this)."""
+        return 1
+
+    def check_input_size(self, model: nn.Module, height: int, width: int) -> None:
+        """One KdctlError line for a (padded) input size the model cannot run (too few positions for its top-k)."""
         return None
 
     def prepare(self, model: nn.Module) -> None:
