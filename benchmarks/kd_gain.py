@@ -239,8 +239,8 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                                notes=["the dab-detr pair on the synthetic set (1-3 shapes of 24 px or more per "
                                       "image, 480 train / 120 val images, 160 px)", "AdamW lr 2e-4 (recipe: 1e-4)"]),
     "rtdetr-synth": PairPlan("rtdetr-synth", "kd-detr", "rtdetr-r18vd", "rtdetr-r18vd", "synth", imgsz=160,
-                             batch_size=8, teacher_epochs=30, student_epochs=15, teacher_lr=2e-4, student_lr=2e-4,
-                             eval_every=5, synth_images=600, synth_size=(128, 192),
+                             batch_size=8, teacher_epochs=24, student_epochs=12, teacher_lr=2e-4, student_lr=2e-4,
+                             eval_every=6, synth_images=400, synth_size=(128, 192),
                              synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
                              optim={"backbone_lr_mult": 1.0},
                              student_config={"d_model": 128, "encoder_hidden_dim": 128, "encoder_ffn_dim": 512,
@@ -250,7 +250,8 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                                     "same backbone, hybrid encoder and decoder at d 128 (FFN 512), 2 decoder layers, "
                                     "100 queries; both from scratch (no ImageNet ResNet-vd weights offline)",
                                     "the rtdetr recipe (EMA, augmentation) with AdamW lr 2e-4 and the backbone at the "
-                                    "full lr (backbone_lr_mult 1: a from-scratch backbone), on the dab-detr-synth set"]),
+                                    "full lr (backbone_lr_mult 1: a from-scratch backbone)", "data: 400 synthetic images of 1-3 "
+                                    "shapes of 24 px or more (320 train / 80 val), 160 px"]),
     "detr": PairPlan("detr", "kd-detr", "detr-mobilenet-v2", "detr-mobilenet-v2-small", "bccd", imgsz=320,
                      batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True, student_imagenet=True,
                      teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
