@@ -23,6 +23,8 @@ HF_MODEL_TYPES: dict[str, str] = {
     "table-transformer": "detr",
     "rt_detr": "detr",
     "rt_detr_v2": "detr",
+    "d_fine": "detr",
+    "deimv2": "detr",
 }
 
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)
