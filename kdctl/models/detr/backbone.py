@@ -176,9 +176,9 @@ def load_imagenet_backbone(model: nn.Module) -> None:
 
     bcfg = model.config.backbone_config
     if getattr(bcfg, "model_type", None) != "timm_backbone":
-        raise KdctlError(
-            "ImageNet backbone weights are only available for timm backbones (use_timm_backbone = true); "
-            "pass --no-pretrained-backbone"
+        raise BackboneWeightsUnavailable(  # RT-DETR's ResNet-vd, D-FINE's HGNetv2: no ImageNet weights in kdctl yet
+            f"kdctl has ImageNet weights for timm backbones only, not for this {getattr(bcfg, 'model_type', '?')} "
+            "backbone; pass --no-pretrained-backbone"
         )
     try:
         source = timm.create_model(
