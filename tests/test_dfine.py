@@ -233,3 +233,12 @@ def test_yolos_is_refused_in_one_line(tmp_path):
     with pytest.raises(KdctlError, match="YOLOS cannot take part in KD-DETR.*no attention mask") as e:
         load_detector(str(tmp_path / "y"))
     assert "\n" not in str(e.value)
+
+
+def test_input_too_small_for_the_queries_is_one_line():
+    """D-FINE-N reads strides 16 and 32 only: at 160 px that is 125 positions for 300 top-k queries, which
+    transformers fails on deep inside; kdctl names the smallest --imgsz that works (256: 256 + 64 positions)."""
+    det = load_detector("dfine-n", label_names=NAMES, pretrained_backbone=False)
+    small = Batch(images=torch.rand(1, 3, 160, 160), sizes=[(160, 160)], orig_sizes=[(160, 160)], targets=[])
+    with pytest.raises(KdctlError, match="125 encoder positions, fewer than its 300 queries; use --imgsz 256"):
+        det.predict(small)

@@ -151,6 +151,7 @@ class DetrDetector(Detector):
             side = max(h, w)
             images = torch.nn.functional.pad(images, (0, side - w, 0, side - h))
             mask = torch.nn.functional.pad(mask, (0, side - w, 0, side - h))
+        self.variant.check_input(self.model, *images.shape[-2:])
         return self.normalize(images, mask), mask
 
     def frame_sizes(self, batch: Batch) -> list[tuple[int, int]]:

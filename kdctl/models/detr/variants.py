@@ -160,6 +160,10 @@ class DetrVariant:
         """Decoder output -> (logits [L, N, G, C'], boxes [L, N, G, 4] normalised cxcywh)."""
         raise NotImplementedError
 
+    def check_input(self, model: nn.Module, height: int, width: int) -> None:
+        """Refuse, in one line, an input size the model cannot run at."""
+        return None
+
     def head_extras(self, model: nn.Module, out: Any, kw: dict[str, Any]) -> dict[str, Tensor]:
         """Further per-layer outputs [L, N, G, ...] beside logits and boxes (D-FINE's edge distributions)."""
         return {}
