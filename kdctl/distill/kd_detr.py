@@ -230,15 +230,21 @@ class KDDETR(Distiller):
         return out
 
     # ------------------------------------------------------------------ student side
-    def groups(self, teacher_taps: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]:
-        """Distillation groups: name -> (queries in the teacher's format, teacher logits [N, G, C'], boxes, the
-        teacher's final edge distributions and first-layer boxes where it has them: ``{"corners", "initial_boxes"}``)."""
-        t, out = teacher_taps, {}
+    def groups(self, teacher_taps: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Distillation groups: name -> (queries in the teacher's format, teacher logits [N, G, C'], boxes)."""
+        out = {}
         if self.use_specific:
-            out["specific"] = (t["queries"], t["logits"][-1], t["boxes"][-1], group_fdr(t, ""))
+            out["specific"] = (teacher_taps["queries"], teacher_taps["logits"][-1], teacher_taps["boxes"][-1])
         if self.use_general:
-            out["general"] = (t["general_queries"], t["general_logits"], t["general_boxes"], group_fdr(t, "general_"))
+            t = teacher_taps
+            out["general"] = (t["general_queries"], t["general_logits"], t["general_boxes"])
         return out
+
+    def fdr_targets(self, teacher_taps: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+        """Per group the teacher's final edge distributions and first-layer boxes (``{"corners", "initial_boxes"}``,
+        FDR teachers only: D-FINE, DEIMv2)."""
+        prefixes = {"specific": "", "general": "general_"}
+        return {n: group_fdr(teacher_taps, prefixes[n]) for n in self.groups(teacher_taps)}
 
     def reference_points(self, teacher_taps: dict[str, Any]) -> dict[str, Tensor | None]:
         """Per group, where the student decodes it: the teacher's reference points [N, Q, 2] for the specific points
@@ -296,7 +302,7 @@ class KDDETR(Distiller):
         l_cls = (div * w).sum()
         if self.normalize:
             l_cls = l_cls / w_sum
-        if self.fdr is not None and t_fdr:
+        if t_fdr:  # box = "distribution" (forward passes these only then)
             target = reexpress(t_fdr["corners"], t_fdr["initial_boxes"], self.fdr[0], student["initial_boxes"],
                                self.fdr[1])
             return l_cls, (edge_kl(student["corners"], target) * w).sum() / w_sum, torch.zeros_like(l_cls)
@@ -311,8 +317,9 @@ class KDDETR(Distiller):
                                     self.reference_points(teacher_taps),
                                     self.memory_index(teacher_taps, student_out.taps))
         totals = [torch.zeros((), device=batch.device) for _ in range(3)]
-        for name, (_, t_logits, t_boxes, t_fdr) in groups.items():
-            for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes, t_fdr)):
+        fdr = self.fdr_targets(teacher_taps) if self.fdr is not None else {}
+        for name, (_, t_logits, t_boxes) in groups.items():
+            for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes, fdr.get(name))):
                 totals[i] = totals[i] + term
         if self.fdr is not None:
             return {"kd_cls": self.w_cls * totals[0], "kd_dist": self.w_dist * totals[1]}
