@@ -242,3 +242,21 @@ def test_input_too_small_for_the_queries_is_one_line():
     small = Batch(images=torch.rand(1, 3, 160, 160), sizes=[(160, 160)], orig_sizes=[(160, 160)], targets=[])
     with pytest.raises(KdctlError, match="125 encoder positions, fewer than its 300 queries; use --imgsz 256"):
         det.predict(small)
+
+
+def test_new_head_resizes_encoder_and_denoising_heads(dirs):
+    """A new label space resizes every class head, the encoder's score head and the denoising label embedding
+    (padding row last); kept classes keep their rows, and a training step runs on the new labels."""
+    det = load_detector(dirs["deimv2"])
+    old_enc = det.model.model.enc_score_head.weight.detach().clone()
+    old_dn = det.model.model.denoising_class_embed.weight.detach().clone()
+    det.replace_head(["c", "x", "y", "z"], {0: 2}, keep_background=True)
+    inner = det.model.model
+    assert inner.enc_score_head.out_features == 4 and torch.equal(inner.enc_score_head.weight[0], old_enc[2])
+    emb = inner.denoising_class_embed
+    assert emb.weight.shape[0] == 5 and emb.padding_idx == 4
+    assert torch.equal(emb.weight[0], old_dn[2]) and torch.equal(emb.weight[4], old_dn[3])
+    det.train()
+    b = Batch(images=torch.rand(1, 3, 128, 128), sizes=[(128, 128)], orig_sizes=[(128, 128)],
+              targets=[{"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([3])}])
+    assert torch.isfinite(sum(det.forward_train(b).losses.values()))
