@@ -260,3 +260,34 @@ def test_new_head_resizes_encoder_and_denoising_heads(dirs):
     b = Batch(images=torch.rand(1, 3, 128, 128), sizes=[(128, 128)], orig_sizes=[(128, 128)],
               targets=[{"boxes": torch.tensor([[10.0, 12, 50, 60]]), "labels": torch.tensor([3])}])
     assert torch.isfinite(sum(det.forward_train(b).losses.values()))
+
+
+def test_deimv2_dinov3_backbone(tmp_path):
+    """A DEIMv2 on a (tiny) DINOv3 ViT with the spatial tuning adapter, the released S-X sizes' layout: decoding
+    parity in both modes, and the recipe's stage freezing reaches the ViT (its patch embedding is the stem)."""
+    import transformers as T
+    from transformers.models.dinov3_vit.configuration_dinov3_vit import DINOv3ViTConfig
+
+    from kdctl.models.detr import backbone_module, freeze_backbone_stages
+
+    torch.manual_seed(0)
+    vit = DINOv3ViTConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=3, intermediate_size=64,
+                          patch_size=16, layerscale_value=1.0, num_register_tokens=0, rope_theta=100.0,
+                          out_indices=[1, 2, 3], apply_layernorm=False, reshape_hidden_states=True)
+    cfg = T.Deimv2Config(backbone_config=vit, encoder_in_channels=[16] * 3, encoder_hidden_dim=16, d_model=16,
+                         decoder_in_channels=[16] * 3, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+                         decoder_attention_heads=2, decoder_layers=2, num_queries=10, num_denoising=4, max_num_bins=8,
+                         lqe_hidden_dim=8, hidden_expansion=0.5, spatial_tuning_adapter_inplanes=8,
+                         encoder_has_trailing_conv=False, id2label=dict(enumerate(NAMES)))
+    T.Deimv2ForObjectDetection(cfg).save_pretrained(tmp_path / "dino")
+    det = load_detector(str(tmp_path / "dino"))
+    b = batch()
+    for train in (True, False):
+        det.train(train)
+        with torch.no_grad():
+            taps = det.forward_train(b).taps if train else det.forward_taps(b)
+            dec = det.decode(taps, taps["queries"], memory_index=taps["query_index"])
+        assert max(float((dec[k] - taps[k]).abs().max()) for k in dec) < 1e-5
+    assert type(backbone_module(det.model)).__name__ == "DINOv3ViTBackbone"
+    assert freeze_backbone_stages(det.model, 1) == sum(
+        p.numel() for n, p in backbone_module(det.model).named_parameters() if n.startswith("embeddings."))

@@ -213,6 +213,8 @@ def early_stage_prefix(net: nn.Module, stages: int) -> str | None:
         return names[-1].replace("_", ".") + "." if names else None
     if hasattr(net, "encoder") and hasattr(net.encoder, "stages"):  # transformers' ResNet / ConvNeXt ...
         return f"encoder.stages.{stages - 1}."
+    if hasattr(net, "embeddings") and not hasattr(net, "encoder"):  # a ViT (DEIMv2's DINOv3): its patch embedding
+        return "embeddings."
     return None
 
 
