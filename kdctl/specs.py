@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from kdctl._compat import tomllib
 from kdctl.errors import KdctlError
 from kdctl.io import first_line
-from kdctl.models.registry import FAMILIES, HF_MODEL_TYPES, TORCHVISION_PREFIXES, import_string
+from kdctl.models.registry import FAMILIES, HF_MODEL_TYPES, REFUSED_MODEL_TYPES, TORCHVISION_PREFIXES, import_string
 from kdctl.models.resolved import Resolved
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -136,6 +136,8 @@ def _resolve_path(spec: str, path: Path, hub_id: str | None = None) -> Resolved:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise KdctlError(f"{path / 'config.json'}: corrupt config ({e})") from e
         mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+        if mt in REFUSED_MODEL_TYPES:
+            raise KdctlError(f"{path}: {REFUSED_MODEL_TYPES[mt]}")
         if mt not in HF_MODEL_TYPES:
             raise KdctlError(
                 f"{path}: transformers model_type {mt!r} is not supported; supported: {', '.join(HF_MODEL_TYPES)}"

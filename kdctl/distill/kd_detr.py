@@ -40,6 +40,11 @@ t = teacher's FINAL layer, s = every student decoder layer (final and auxiliary,
     L_GIoU = sum_i w_i * (1 - GIoU(b_s,i, b_t,i)) / sum_i w_i
     kd_cls = cls * L_cls,  kd_l1 = l1 * L_L1,  kd_giou = giou * L_GIoU      (defaults 1, 5, 2; T = 10)
 
+``box = "distribution"`` (D-FINE / DEIMv2 pairs, whose boxes are edge distributions): the two box terms give way to
+``kd_dist = dist * sum_i w_i * mean_4 KL(t'_i || s_i) / sum_i w_i`` (default dist 1.5, D-FINE's DDF weight), t' the
+teacher's final-layer edge distributions re-expressed relative to the student's first-layer box
+(:mod:`kdctl.distill.fdr`), s every student layer's. ``box = "boxes"`` (default) compares the decoded boxes.
+
 Design choices (where the paper, the reference code and kdctl's model zoo leave room):
 
 * Foreground weight. Sigmoid models: ``w_i = max_c sigmoid(t_ic)`` (reference code). Softmax DETR (C real classes +
@@ -81,7 +86,7 @@ for that reason (torchvision's ``generalized_box_iou_loss`` indexes with a boole
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -89,6 +94,7 @@ from torch import Tensor
 from kdctl.boxes import giou_loss
 from kdctl.data.batch import Batch
 from kdctl.distill.base import Distiller
+from kdctl.distill.fdr import edge_kl, fdr_params, fdr_taps, group_fdr, reexpress
 from kdctl.distill.kd_detr_modules import (
     EPS,
     QueryProjection,
@@ -99,77 +105,19 @@ from kdctl.distill.kd_detr_modules import (
     query_stats,
     sample_queries,
 )
+from kdctl.distill.kd_detr_pair import KDDetrModel, check_pair
 from kdctl.errors import KdctlError
 from kdctl.models.base import Detector, TrainOutput
 
 DEFAULTS: dict[str, Any] = {
     "cls": 1.0, "l1": 5.0, "giou": 2.0, "temperature": 10.0, "num_general": 300, "general_distribution": "normal",
     "specific": True, "general": True, "normalize": False, "sigmoid_kl": "softmax", "project": True,
+    "box": "boxes", "dist": 1.5,
 }
 """Recipe keys of ``[kd.kd-detr]`` and their defaults."""
 GROUPS = ("specific", "general")
 __all__ = ["DEFAULTS", "KDDETR", "KDDetrModel", "QueryProjection", "binary_scale", "box_l1", "check_pair",
            "class_divergence", "foreground_weight", "giou_loss", "query_stats", "sample_queries"]
-
-
-# =========================================================================== what KD-DETR needs from a DETR
-@runtime_checkable
-class KDDetrModel(Protocol):
-    """A DETR-family detector KD-DETR can distil from or into (:class:`kdctl.models.detr.DetrDetector`).
-
-    Taps and decoded outputs are as :mod:`kdctl.models.detr.adapter` describes them: logits [L, N, G, C'], boxes
-    [L, N, G, 4] normalised cxcywh, every decoder layer (last = final).
-    """
-
-    family: ClassVar[str]
-    architecture: str
-    label_names: list[str]
-
-    @property
-    def logit_kind(self) -> str:
-        """"softmax" (C' = classes + no-object) or "sigmoid" (C' = classes)."""
-        ...
-
-    @property
-    def query_kind(self) -> str:
-        """"embed", "embed2" or "anchor4": the format of the queries :meth:`decode_groups` takes."""
-        ...
-
-    @property
-    def query_dim(self) -> int: ...
-
-    @property
-    def query_parts(self) -> int:
-        """How many independent embeddings one query concatenates ("embed2": position | content = 2)."""
-        ...
-
-    @property
-    def hidden_size(self) -> int: ...
-
-    @property
-    def num_queries(self) -> int: ...
-
-    def learned_queries(self) -> Tensor:
-        """The model's own queries [Q, D]."""
-        ...
-
-    def check_decodable(self) -> None:
-        """One KdctlError line when the model cannot decode custom queries."""
-        ...
-
-    def forward_taps(self, batch: Batch) -> dict[str, Any]:
-        """Taps of a normal forward: logits, boxes, queries, reference_points, memory, decoder_kwargs."""
-        ...
-
-    def decode(self, taps: dict[str, Any], queries: Tensor, memory_index: Tensor | None = None
-               ) -> dict[str, Tensor]: ...
-
-    def decode_groups(self, taps: dict[str, Any], groups: list[Tensor],
-                      reference_points: list[Tensor | None] | None = None,
-                      memory_index: list[Tensor | None] | None = None) -> list[dict[str, Tensor]]:
-        """Each query group in its own decoder pass over the taps' memory; optional reference points per group;
-        "proposal" queries: optional memory positions per group to read the content at (else the box centres)."""
-        ...
 
 
 # =========================================================================== the method
@@ -196,23 +144,25 @@ class KDDETR(Distiller):
         self, teacher: Detector, student: Detector, *, cls: float = 1.0, l1: float = 5.0, giou: float = 2.0,
         temperature: float = 10.0, num_general: int = 300, general_distribution: str = "normal", specific: bool = True,
         general: bool = True, normalize: bool = False, sigmoid_kl: str = "softmax", project: bool = True,
-        **unknown: Any,
+        box: str = "boxes", dist: float = 1.5, **unknown: Any,
     ) -> None:
         if unknown:
             raise KdctlError(f"[kd.kd-detr]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
         opts = dict(cls=cls, l1=l1, giou=giou, temperature=temperature, num_general=num_general,
                     general_distribution=general_distribution, specific=specific, general=general, normalize=normalize,
-                    sigmoid_kl=sigmoid_kl, project=project)
+                    sigmoid_kl=sigmoid_kl, project=project, box=box, dist=dist)
         super().__init__(teacher, student, **opts)
         object.__setattr__(self, "student", student)  # a reference: the engine owns and optimises the student
         self._read_options(opts)
         check_pair(teacher, student)
         self.projection = self._make_projection(teacher, student, bool(opts["project"]))
+        self.fdr = self._fdr_params(teacher, student) if self.box == "distribution" else None
 
     def _read_options(self, o: dict[str, Any]) -> None:
         try:
             self.w_cls, self.w_l1, self.w_giou = float(o["cls"]), float(o["l1"]), float(o["giou"])
             self.temperature, self.num_general = float(o["temperature"]), int(o["num_general"])
+            self.box, self.w_dist = str(o["box"]), float(o["dist"])
         except (TypeError, ValueError) as e:
             raise KdctlError(f"[kd.kd-detr]: weights, temperature and num_general must be numbers ({e})") from e
         self.distribution, self.sigmoid_kl = str(o["general_distribution"]), str(o["sigmoid_kl"])
@@ -221,6 +171,8 @@ class KDDETR(Distiller):
             raise KdctlError("[kd.kd-detr]: cls, l1 and giou must be >= 0 and temperature > 0")
         if self.distribution not in ("normal", "uniform"):
             raise KdctlError(f"[kd.kd-detr]: general_distribution {self.distribution!r}: use 'normal' or 'uniform'")
+        if self.box not in ("boxes", "distribution") or self.w_dist < 0:
+            raise KdctlError(f"[kd.kd-detr]: box {self.box!r}: use 'boxes' or 'distribution' (and dist >= 0)")
         if self.sigmoid_kl not in ("binary", "softmax"):
             raise KdctlError(f"[kd.kd-detr]: sigmoid_kl {self.sigmoid_kl!r}: use 'binary' or 'softmax'")
         if not (self.use_specific or self.use_general):
@@ -239,6 +191,15 @@ class KDDETR(Distiller):
                 "(set project = true in [kd.kd-detr] to learn a projection, or use equal hidden sizes)"
             )
         return QueryProjection(teacher.learned_queries(), student.learned_queries(), teacher.query_parts)
+
+    @staticmethod
+    def _fdr_params(teacher: Detector, student: Detector) -> tuple[Any, Any]:
+        params = fdr_params(teacher), fdr_params(student)
+        if None in params:
+            raise KdctlError(f"[kd.kd-detr]: box = 'distribution' needs edge-distribution boxes (D-FINE, DEIMv2) on "
+                             f"both sides; teacher {teacher.architecture}, student {student.architecture}: use "
+                             "box = 'boxes'")
+        return params
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -259,12 +220,13 @@ class KDDETR(Distiller):
         taps = self.teacher.forward_taps(batch)
         out = {"logits": taps["logits"], "boxes": taps["boxes"], "queries": taps["queries"],
                "reference_points": taps.get("reference_points"), "query_index": taps.get("query_index"),
-               "memory_layout": taps.get("memory_layout")}
+               "memory_layout": taps.get("memory_layout"), **fdr_taps(taps, "")}
         if self.use_general:
             memory = taps["memory"]
             q = sample_queries(self.teacher, self.num_general, distribution=self.distribution, device=memory.device)
             dec = self.teacher.decode(taps, q)
-            out.update(general_queries=q, general_logits=dec["logits"][-1], general_boxes=dec["boxes"][-1])
+            out.update(general_queries=q, general_logits=dec["logits"][-1], general_boxes=dec["boxes"][-1],
+                       **fdr_taps(dec, "general_"))
         return out
 
     # ------------------------------------------------------------------ student side
@@ -277,6 +239,12 @@ class KDDETR(Distiller):
             t = teacher_taps
             out["general"] = (t["general_queries"], t["general_logits"], t["general_boxes"])
         return out
+
+    def fdr_targets(self, teacher_taps: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+        """Per group the teacher's final edge distributions and first-layer boxes (``{"corners", "initial_boxes"}``,
+        FDR teachers only: D-FINE, DEIMv2)."""
+        prefixes = {"specific": "", "general": "general_"}
+        return {n: group_fdr(teacher_taps, prefixes[n]) for n in self.groups(teacher_taps)}
 
     def reference_points(self, teacher_taps: dict[str, Any]) -> dict[str, Tensor | None]:
         """Per group, where the student decodes it: the teacher's reference points [N, Q, 2] for the specific points
@@ -323,8 +291,10 @@ class KDDETR(Distiller):
         return dict(zip(names, outs, strict=True))
 
     # ------------------------------------------------------------------ loss
-    def group_terms(self, student: dict[str, Tensor], t_logits: Tensor, t_boxes: Tensor) -> tuple[Tensor, ...]:
-        """Unweighted (L_cls, L_L1, L_GIoU) of one group, summed over the student's layers."""
+    def group_terms(self, student: dict[str, Tensor], t_logits: Tensor, t_boxes: Tensor,
+                    t_fdr: dict[str, Tensor] | None = None) -> tuple[Tensor, ...]:
+        """Unweighted (L_cls, L_L1, L_GIoU) of one group, summed over the student's layers; with ``box =
+        "distribution"`` (L_cls, L_dist, 0)."""
         w = foreground_weight(t_logits, self.teacher.logit_kind).detach()  # [N, G]
         w_sum = w.sum().clamp_min(EPS)
         div = class_divergence(student["logits"], t_logits.detach(), self.teacher.logit_kind, self.temperature,
@@ -332,6 +302,10 @@ class KDDETR(Distiller):
         l_cls = (div * w).sum()
         if self.normalize:
             l_cls = l_cls / w_sum
+        if t_fdr:  # box = "distribution" (forward passes these only then)
+            target = reexpress(t_fdr["corners"], t_fdr["initial_boxes"], self.fdr[0], student["initial_boxes"],
+                               self.fdr[1])
+            return l_cls, (edge_kl(student["corners"], target) * w).sum() / w_sum, torch.zeros_like(l_cls)
         l_l1 = (box_l1(student["boxes"], t_boxes.detach()) * w).sum() / w_sum
         l_giou = (giou_loss(student["boxes"], t_boxes.detach()) * w).sum() / w_sum
         return l_cls, l_l1, l_giou
@@ -343,37 +317,10 @@ class KDDETR(Distiller):
                                     self.reference_points(teacher_taps),
                                     self.memory_index(teacher_taps, student_out.taps))
         totals = [torch.zeros((), device=batch.device) for _ in range(3)]
+        fdr = self.fdr_targets(teacher_taps) if self.fdr is not None else {}
         for name, (_, t_logits, t_boxes) in groups.items():
-            for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes)):
+            for i, term in enumerate(self.group_terms(outs[name], t_logits, t_boxes, fdr.get(name))):
                 totals[i] = totals[i] + term
+        if self.fdr is not None:
+            return {"kd_cls": self.w_cls * totals[0], "kd_dist": self.w_dist * totals[1]}
         return {"kd_cls": self.w_cls * totals[0], "kd_l1": self.w_l1 * totals[1], "kd_giou": self.w_giou * totals[2]}
-
-
-# =========================================================================== compatibility
-def check_pair(teacher: Detector, student: Detector) -> None:
-    """Refuse, with one line, a teacher/student pair KD-DETR cannot distil."""
-    for role, det in (("teacher", teacher), ("student", student)):
-        if det.family != "detr" or not isinstance(det, KDDetrModel):
-            raise KdctlError(f"kd-detr needs DETR-family models; the {role} is a {det.architecture} ({det.family})")
-        det.check_decodable()
-    t, s = teacher, student
-    if list(t.label_names) != list(s.label_names):
-        raise KdctlError(
-            f"kd-detr: teacher and student label spaces differ (teacher {len(t.label_names)} labels "
-            f"{_short(t.label_names)}, student {len(s.label_names)} {_short(s.label_names)}); they must have the same "
-            "names in the same order (build the student from a preset to inherit the teacher's labels)"
-        )
-    if t.logit_kind != s.logit_kind:
-        raise KdctlError(
-            f"kd-detr: teacher {t.architecture} classifies with {t.logit_kind} and student {s.architecture} with "
-            f"{s.logit_kind}; their class outputs cannot be distilled (pick a student of the same kind)"
-        )
-    if t.query_kind != s.query_kind:
-        raise KdctlError(
-            f"kd-detr: teacher {t.architecture} uses {t.query_kind} queries and student {s.architecture} "
-            f"{s.query_kind} queries; distillation points cannot be shared (pick a student with the same query kind)"
-        )
-
-
-def _short(names: list[str], n: int = 4) -> str:
-    return "[" + ", ".join(names[:n]) + (", ...]" if len(names) > n else "]")

@@ -25,6 +25,15 @@ HF_MODEL_TYPES: dict[str, str] = {
     "rt_detr_v2": "detr",
     "lw_detr": "detr",
     "rf_detr": "detr",
+    "d_fine": "detr",
+    "deimv2": "detr",
+}
+
+# transformers model_types kdctl refuses, and why (one line each)
+REFUSED_MODEL_TYPES: dict[str, str] = {
+    "yolos": "YOLOS cannot take part in KD-DETR (as teacher or student): its ViT encoder has no attention mask, so "
+             "the extra distillation-point tokens would change the image features; no other kdctl KD method "
+             "applies to it yet",
 }
 
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)

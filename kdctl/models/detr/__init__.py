@@ -7,6 +7,7 @@ The adapter reuses transformers' own modules (decoder, class/box heads, losses);
 ``variants``    what each architecture is: one class per transformers class (queries, losses, backbone,
                 normalisation, ONNX kind), registered by class name and ``model_type``
 ``rt_detr``     the RT-DETR / RT-DETRv2 variants (image-dependent "proposal" queries, denoising, square input)
+``d_fine``      the D-FINE / DEIMv2 variants (RT-DETR queries, edge distributions, eval_idx-only eval outputs)
 ``lw_detr``     the LW-DETR / RF-DETR variants ("box" queries with learned slot contents, Group DETR)
 ``outputs``     loss terms and detections from a model's outputs
 ``adapter``     :class:`DetrDetector`, the Detector over any variant (taps, decode, predict, save)
@@ -20,7 +21,7 @@ Adding an architecture of this family: one :class:`~kdctl.models.detr.variants.D
 """
 
 from kdctl.boxes import cxcywh_to_xyxy
-from kdctl.models.detr import lw_detr, rt_detr  # noqa: F401  (register the LW-/RF-DETR and RT-DETR variants)
+from kdctl.models.detr import d_fine, lw_detr, rt_detr  # noqa: F401  (register the RT-DETR, D-FINE, DEIMv2, LW-/RF-DETR variants)
 from kdctl.models.detr.adapter import DetrDetector
 from kdctl.models.detr.backbone import (
     TRAINABLE_NORM_KEY,

@@ -216,7 +216,9 @@ class DetrDetector(Detector):
         kw, recorded = rec["kwargs"], rec.get("recorded", {})
         logits, boxes = v.heads(self.model, rec["output"], kw)
         own = v.tap_slice(self.model, kw)  # denoising queries, Group-DETR's training groups never enter the taps
+        extras = {k: t[:, :, own] for k, t in v.head_extras(self.model, rec["output"], kw).items()}
         taps = {
+            **extras,
             "logits": logits[..., own, :],
             "boxes": boxes[..., own, :],
             "queries": v.used_queries(self.model, kw),
@@ -251,7 +253,8 @@ class DetrDetector(Detector):
         memory_index ("proposal" queries, RT-DETR): [N, G] memory positions to read the query content at (this
         model's ``taps["query_index"]``, or another model's when the memory layouts match); None samples this model's
         memory at the box centres.
-        Returns ``{"logits": [L, N, G, C'], "boxes": [L, N, G, 4]}`` (every decoder layer, last = final).
+        Returns ``{"logits": [L, N, G, C'], "boxes": [L, N, G, 4]}`` (every decoder layer, last = final), plus the
+        variant's :meth:`~kdctl.models.detr.variants.DetrVariant.head_extras` (D-FINE: ``corners``, ``initial_boxes``).
         Gradients flow through this model's decoder, heads and (for a training pass) its encoder.
         """
         return self.decode_groups(taps, [queries], memory_index=[memory_index])[0]
@@ -279,10 +282,9 @@ class DetrDetector(Detector):
             k = len(qs)
             folded = {key: self._repeat(key, v, k) for key, v in kw.items()}
             content = None if contents[0] is None else torch.cat(contents, dim=0)  # type: ignore[arg-type]
-            logits, boxes = self._decode_once(folded, torch.cat(qs, dim=0), refs, content)
-            return [{"logits": logits[:, i * n : (i + 1) * n], "boxes": boxes[:, i * n : (i + 1) * n]} for i in range(k)]
-        outs = [self._decode_once(kw, q, [r], c) for q, r, c in zip(qs, refs, contents, strict=True)]
-        return [{"logits": lg, "boxes": bx} for lg, bx in outs]
+            out = self._decode_once(folded, torch.cat(qs, dim=0), refs, content)
+            return [{key: t[:, i * n : (i + 1) * n] for key, t in out.items()} for i in range(k)]
+        return [self._decode_once(kw, q, [r], c) for q, r, c in zip(qs, refs, contents, strict=True)]
 
     def _batched_reference_points(self, refs: list[Tensor | None] | None, qs: list[Tensor]) -> list[Tensor | None]:
         """Per group None or [G, c] / [N, G, c] points -> None or [N, G, c] in the queries' device and dtype."""
@@ -319,7 +321,7 @@ class DetrDetector(Detector):
         return value
 
     def _decode_once(self, kw: dict[str, Any], q: Tensor, refs: list[Tensor | None],
-                     content: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     content: Tensor | None = None) -> dict[str, Tensor]:
         """q: the groups [k * N, G, D] folded into the batch; refs: per group None (own points) or [N, G, 2];
         content: [k * N, G, d_model] query content read from the encoder memory ("proposal" queries) or None."""
         call = {**kw, **self.variant.query_kwargs(self.model, kw, q)}
@@ -330,7 +332,8 @@ class DetrDetector(Detector):
             call["reference_points"] = torch.cat([o if r is None else r for o, r in zip(own, refs, strict=True)])
         with self.variant.decode_context(self.model):
             out = self.variant.decoder(self.model)(**call)
-        return self.variant.heads(self.model, out, call)
+        logits, boxes = self.variant.heads(self.model, out, call)
+        return {"logits": logits, "boxes": boxes, **self.variant.head_extras(self.model, out, call)}
 
     # ------------------------------------------------------------------ inference
     def _predict_raw(self, batch: Batch, score_threshold: float, max_detections: int) -> list[dict[str, Tensor]]:

@@ -41,7 +41,7 @@ def train_backbone_norms(model: nn.Module) -> int:
     transformers (as frozen layers holding the learned statistics) and predicts the same.
     """
     count = 0
-    for parent in list(model.model.backbone.modules()):
+    for parent in list(variant_for(model).conv_encoder(model).modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__.endswith("FrozenBatchNorm2d"):
                 bn = nn.BatchNorm2d(child.weight.numel(), eps=1e-5).to(child.weight.device)
@@ -175,10 +175,10 @@ def load_imagenet_backbone(model: nn.Module) -> None:
     import timm
 
     bcfg = model.config.backbone_config
-    if getattr(bcfg, "model_type", None) != "timm_backbone":  # train/distill: a warning, then from scratch
-        raise BackboneWeightsUnavailable(
-            f"ImageNet backbone weights are only available for timm backbones (use_timm_backbone = true), not "
-            f"{getattr(bcfg, 'model_type', None)}; pass --no-pretrained-backbone"
+    if getattr(bcfg, "model_type", None) != "timm_backbone":
+        raise BackboneWeightsUnavailable(  # RT-DETR's ResNet-vd, D-FINE's HGNetv2: no ImageNet weights in kdctl yet
+            f"kdctl has ImageNet weights for timm backbones only, not for this {getattr(bcfg, 'model_type', '?')} "
+            "backbone; pass --no-pretrained-backbone"
         )
     try:
         source = timm.create_model(
@@ -213,6 +213,8 @@ def early_stage_prefix(net: nn.Module, stages: int) -> str | None:
         return names[-1].replace("_", ".") + "." if names else None
     if hasattr(net, "encoder") and hasattr(net.encoder, "stages"):  # transformers' ResNet / ConvNeXt ...
         return f"encoder.stages.{stages - 1}."
+    if hasattr(net, "embeddings") and not hasattr(net, "encoder"):  # a ViT (DEIMv2's DINOv3): its patch embedding
+        return "embeddings."
     return None
 
 

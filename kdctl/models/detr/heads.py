@@ -11,6 +11,9 @@ Conditional DETR                       ``class_labels_classifier`` [num_labels]:
 DAB-DETR                               ``class_embed`` [num_labels]: sigmoid (focal)
 Deformable DETR                        ``class_embed[i]`` per decoder layer (+ the two-stage encoder head, the last
                                        one, also ``model.decoder.class_embed``) [num_labels]: sigmoid (focal)
+RT-DETR, D-FINE, DEIMv2                ``class_embed[i]``, ``model.decoder.class_embed[i]``, the encoder's
+                                       ``model.enc_score_head`` [num_labels] and the denoising label embedding
+                                       ``model.denoising_class_embed`` [num_labels + 1] (padding row last)
 =====================================  ================================================================
 
 New rows start as the architecture's own init: weights N(0, ``init_std``) (transformers' ``_init_weights``), bias 0
@@ -35,9 +38,10 @@ FOCAL_PRIOR = 0.01  # Conditional / Deformable DETR's official class-head bias p
 def class_heads(model: nn.Module) -> list[nn.Linear]:
     """Every class head ``nn.Linear`` of a transformers DETR (shared modules listed once)."""
     found: list[nn.Module] = []
+    inner = getattr(model, "model", None)
     for owner, attr in ((model, "class_labels_classifier"), (model, "class_embed"),
-                        (getattr(getattr(model, "model", None), "decoder", None), "class_embed"),
-                        (getattr(model, "model", None), "enc_out_class_embed")):  # LW-DETR / RF-DETR groups
+                        (getattr(inner, "decoder", None), "class_embed"), (inner, "enc_score_head"),
+                        (inner, "enc_out_class_embed")):  # LW-DETR / RF-DETR groups
         head = getattr(owner, attr, None) if owner is not None else None
         found.extend(head if isinstance(head, nn.ModuleList) else [head] if head is not None else [])
     out: list[nn.Linear] = []
@@ -96,8 +100,26 @@ def replace_class_heads(model: nn.Module, names: list[str], keep: dict[int, int]
         if lin.bias is not None:
             lin.bias = resized(lin.bias, "bias")
         lin.out_features = len(names) + extra
+    _resize_denoising_embed(model, names, rows, old_labels)
     config.id2label = dict(enumerate(names))
     config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def _resize_denoising_embed(model: nn.Module, names: list[str], rows: dict[int, int], old_labels: int) -> None:
+    """RT-DETR-family denoising label embedding [num_labels + 1, d] (last row: the padding label): kept rows copied,
+    new rows xavier-uniform as transformers initialises it, the padding row moved to the new end."""
+    emb = getattr(getattr(model, "model", None), "denoising_class_embed", None)
+    if not isinstance(emb, nn.Embedding) or emb.num_embeddings != old_labels + 1:
+        return
+    old = emb.weight
+    t = old.new_empty((len(names) + 1, old.shape[1]))
+    nn.init.xavier_uniform_(t)
+    for j, i in rows.items():
+        if j < len(names):
+            t[j] = old[i]
+    t[len(names)] = old[old_labels]
+    emb.weight = nn.Parameter(t, requires_grad=old.requires_grad)
+    emb.num_embeddings, emb.padding_idx = len(names) + 1, len(names)
 
 
 __all__ = ["FOCAL_PRIOR", "class_heads", "prior_bias", "replace_class_heads"]

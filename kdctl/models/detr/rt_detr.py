@@ -99,6 +99,21 @@ class RTDetr(DetrVariant):
         return {"size": {"height": imgsz, "width": imgsz}, "do_normalize": not identity,
                 "image_mean": list(mean), "image_std": list(std)}
 
+    def min_input_side(self, model: nn.Module) -> int:
+        """The smallest square side (a multiple of 32) whose encoder positions cover the ``num_queries`` top-k."""
+        need = int(model.config.num_queries)
+        return next((s for s in range(32, 4097, 32) if memory_positions(model.config, s, s) >= need), 1)
+
+    def check_input_size(self, model: nn.Module, height: int, width: int) -> None:
+        """The encoder's top-k needs at least ``num_queries`` memory positions (transformers fails otherwise)."""
+        cfg = model.config
+        need = int(cfg.num_queries)
+        if memory_positions(cfg, height, width) < need:
+            side = self.min_input_side(model)
+            raise KdctlError(f"{type(model).__name__}: a {height}x{width} input gives "
+                             f"{memory_positions(cfg, height, width)} encoder positions, fewer than its {need} queries; "
+                             f"use --imgsz {side} or more (a model with fewer num_queries runs smaller)")
+
     def prepare(self, model: nn.Module) -> None:
         """Anchors from the actual feature sizes in eval mode too (a fixed ``anchor_image_size`` would tie the model
         to one input size)."""
@@ -128,3 +143,11 @@ def sample_memory(mem: Tensor, layout: tuple[tuple[int, int], ...], q: Tensor) -
     stacked = torch.stack(samples, dim=2)  # [N, G, levels, D]
     return stacked.gather(2, level[..., None, None].expand(-1, -1, 1, d)).squeeze(2)
 
+
+def memory_positions(cfg: Any, height: int, width: int) -> int:
+    """Flattened encoder-memory length of an RT-DETR-family model at a ``height`` x ``width`` input: one map per
+    feature level, at ``feat_strides`` (extra levels: each a stride-2 conv of the last)."""
+    strides = list(cfg.feat_strides)
+    while len(strides) < int(cfg.num_feature_levels):
+        strides.append(strides[-1] * 2)
+    return sum(-(-height // s) * -(-width // s) for s in strides[: int(cfg.num_feature_levels)])

@@ -171,6 +171,10 @@ class DetrVariant:
         """Decoder output -> (logits [L, N, G, C'], boxes [L, N, G, 4] normalised cxcywh)."""
         raise NotImplementedError
 
+    def head_extras(self, model: nn.Module, out: Any, kw: dict[str, Any]) -> dict[str, Tensor]:
+        """Further per-layer outputs [L, N, G, ...] beside logits and boxes (D-FINE's edge distributions)."""
+        return {}
+
     # ------------------------------------------------------------------ backbone, presets
     def conv_encoder(self, model: nn.Module) -> nn.Module:
         """The module holding the backbone network as ``.model``."""
