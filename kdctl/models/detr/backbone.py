@@ -41,7 +41,9 @@ def train_backbone_norms(model: nn.Module) -> int:
     transformers (as frozen layers holding the learned statistics) and predicts the same.
     """
     count = 0
-    for parent in list(variant_for(model).conv_encoder(model).modules()):
+    enc = variant_for(model).conv_encoder(model)
+    root = enc if isinstance(enc, nn.Module) else enc.model  # a ViT behind a namespace (LW-DETR, DEIMv2 on DINOv3)
+    for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
             if type(child).__name__.endswith("FrozenBatchNorm2d"):
                 bn = nn.BatchNorm2d(child.weight.numel(), eps=1e-5).to(child.weight.device)

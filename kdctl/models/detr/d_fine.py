@@ -83,7 +83,7 @@ class Deimv2(DFine):
     def conv_encoder(self, model: nn.Module) -> nn.Module:
         enc = model.model.conv_encoder
         if not hasattr(enc, "model"):  # DINOv3: the ViT is .backbone (the adapter and projections are DEIMv2's)
-            return SimpleNamespace(model=enc.backbone, modules=enc.backbone.modules)
+            return SimpleNamespace(model=enc.backbone)
         return enc
 
 
