@@ -267,6 +267,16 @@ def test_presets_have_the_published_sizes(preset, millions):
     assert r.imgsz % variant.input_multiple(model) == 0
 
 
+def test_preset_builds_through_the_loader():
+    """A preset built as ``kdctl train`` builds it (no ImageNet weights: its backbone norms made trainable) loads,
+    with the data's classes and every parameter trainable (the loader's path, not only the meta-device count)."""
+    from kdctl.specs import load_detector
+
+    det = load_detector("lw-detr-tiny", label_names=["a", "b"], pretrained_backbone=False)
+    assert det.label_names == ["a", "b"]
+    assert not any(type(m).__name__.endswith("FrozenBatchNorm2d") for m in det.model.modules())
+
+
 def test_license_from_card_or_config(dirs, tmp_path):
     from kdctl.commands.inspect import inspect_model
 
