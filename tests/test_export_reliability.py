@@ -57,10 +57,13 @@ def max_diff(a, b) -> float:
     queries. For it, compare everything up to that choice: the encoder memory, the scores and boxes of every
     position, and the top-k scores (equal whatever the tie-break)."""
     if getattr(a, "enc_outputs_class", None) is not None:
-        pairs = [(u, v) for u, v in zip(a.encoder_last_hidden_state, b.encoder_last_hidden_state, strict=True)]
-        pairs += [(a.enc_outputs_class, b.enc_outputs_class), (a.enc_outputs_coord_logits, b.enc_outputs_coord_logits),
-                  (a.enc_topk_logits.amax(-1), b.enc_topk_logits.amax(-1))]  # the top-k scores: a near-tie swap
-        # of two positions swaps their class rows, not the sorted scores
+        pairs = [(a.enc_outputs_class, b.enc_outputs_class), (a.enc_outputs_coord_logits, b.enc_outputs_coord_logits)]
+        if getattr(a, "encoder_last_hidden_state", None) is not None:  # RT-DETR, D-FINE
+            pairs += [(u, v) for u, v in zip(a.encoder_last_hidden_state, b.encoder_last_hidden_state, strict=True)]
+            pairs += [(a.enc_topk_logits.amax(-1), b.enc_topk_logits.amax(-1))]  # the top-k scores: a near-tie
+            # swap of two positions swaps their class rows, not the sorted scores
+        else:  # LW-DETR / RF-DETR: the final outputs themselves
+            pairs += [(a.logits, b.logits), (a.pred_boxes, b.pred_boxes)]
         return max(float((u - v).abs().max()) for u, v in pairs)
     return max(float((a.logits - b.logits).abs().max()), float((a.pred_boxes - b.pred_boxes).abs().max()))
 
@@ -70,16 +73,15 @@ def max_diff(a, b) -> float:
 def test_hf_export_of_every_detr_preset_computes_kdctls_network_in_plain_transformers(preset, tmp_path):
     from transformers import AutoModelForObjectDetection
 
-    from kdctl.models.detr.rt_detr import memory_positions
-
     src = preset_dir(preset, tmp_path / "m")
     export_model(str(src), "hf", tmp_path / "hf")
     ours = load_detector(str(src)).eval()
     theirs = AutoModelForObjectDetection.from_pretrained(tmp_path / "hf").eval()
-    # RT-DETR picks its queries among the encoder's positions: the input must have more of them than queries
-    side = next(s for s in range(160, 1025, 32) if memory_positions(ours.model.config, s, s) >= ours.num_queries
-                ) if ours.variant.square_input else 0
-    x = pixels(h=side, w=side) if ours.variant.square_input else pixels()
+    # RT-DETR / D-FINE / LW-DETR pick their queries among the encoder's positions: the input must have more of them
+    # than queries (and LW-DETR's windowed ViT needs a multiple of patch x windows)
+    v, m = ours.variant, ours.variant.input_multiple(ours.model)
+    side = -(-max(160, v.min_input_side(ours.model)) // m) * m
+    x = pixels(h=side, w=side) if v.min_input_side(ours.model) > 1 else pixels()
     with torch.no_grad():
         assert max_diff(ours.model(**x), theirs(**x)) < TOL
         # kdctl loads the export back as the same network, without hooking the activations a second time
