@@ -978,7 +978,10 @@ def not_applicable(method: str, teacher: str, student: str) -> str | None:
 def run_methods(plan: PairPlan, args: argparse.Namespace, data: Path, teacher: dict[str, Any], inits: dict[int, str],
                 students: list[dict], seeds: list[int], t0: float) -> None:
     """Every ``--methods`` method on every seed, from the seed's init with the pair's teacher, recipe and epochs
-    (the baselines ``students`` have already run); the table is rewritten after each run."""
+    (the baselines ``students`` have already run); the table is rewritten after each run. A method whose run fails
+    (kdctl's one-line error, e.g. a diverged loss) is listed with the reason and not run on the further seeds."""
+    from kdctl.errors import KdctlError
+
     skipped = {m: why for m in args.methods if (why := not_applicable(m, plan.teacher, plan.student))}
     for m, why in skipped.items():
         log(f"{plan.pair}: method {m} skipped: {why}")
@@ -990,10 +993,15 @@ def run_methods(plan: PairPlan, args: argparse.Namespace, data: Path, teacher: d
 
     save()
     for seed in seeds:
-        for m in runs:
-            runs[m].append(run_one("distill", inits[seed], plan, data, args, epochs=plan.student_epochs, seed=seed,
-                                   name=f"student-{m.replace('+', '-')}-s{seed}", teacher=teacher["run_dir"],
-                                   lr=plan.student_lr, method=m))
+        for m in list(runs):
+            try:
+                runs[m].append(run_one("distill", inits[seed], plan, data, args, epochs=plan.student_epochs,
+                                       seed=seed, name=f"student-{m.replace('+', '-')}-s{seed}",
+                                       teacher=teacher["run_dir"], lr=plan.student_lr, method=m))
+            except KdctlError as e:  # a run that fails (e.g. diverges) is reported, and the others go on
+                skipped[m] = f"failed at seed {seed}: {str(e).splitlines()[0]}"
+                log(f"{plan.pair}: method {m} {skipped[m]}")
+                del runs[m]
             save()
     save(done=True)
 
