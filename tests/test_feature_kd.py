@@ -319,6 +319,9 @@ def test_engine_run_checkpoints_the_modules_and_exports_none(name, tmp_path):
     trainer = Trainer(cfg)
     result = trainer.run()
     assert result.method == name and isinstance(trainer.distiller, METHODS[name])
+    # MGD brings its published gradient clipping (the recipe has none); the others leave the recipe alone
+    assert trainer.cfg.optim["clip_grad"] == (35.0 if name == "mgd" else 0.0)
+    assert ("clip_grad = 35.0" in (result.run_dir / "config.toml").read_text()) == (name == "mgd")
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["type"] == "train"]
     assert train and all(math.isfinite(r[f"kd_{name}"]) and r[f"kd_{name}"] > 0 for r in train)
@@ -353,3 +356,14 @@ def test_every_cnn_pair(teacher_preset, tch, student_preset, sch, strides):
         assert [c.weight.shape for c in d.align.values()] == [(tch, sch, 1, 1)] * len(d.strides)
         term = d(out, taps, batch)[f"kd_{name}"]
         assert torch.isfinite(term) and float(term) > 0, (name, term)
+
+
+def test_a_combination_keeps_its_parts_optimiser_requirements():
+    """``drkd+mgd`` keeps MGD's published gradient clipping; ``drkd+cwd`` asks for none."""
+    from kdctl.distill.combined import combined_class
+    from kdctl.distill.cwd import CWD
+    from kdctl.distill.drkd import DRKD
+    from kdctl.distill.mgd import MGD
+
+    assert combined_class([DRKD, MGD], "drkd+mgd").optim_defaults == {"clip_grad": 35.0}
+    assert combined_class([DRKD, CWD], "drkd+cwd").optim_defaults == {}

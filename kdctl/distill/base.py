@@ -38,6 +38,9 @@ class Distiller(nn.Module):
 
     name: ClassVar[str] = "?"
     same_label_space: ClassVar[bool] = False
+    # recipe [optim] values the method's published configuration relies on; a run applies each one its recipe
+    # leaves off (0 / unset), and says so (e.g. MGD: gradient clipping at norm 35)
+    optim_defaults: ClassVar[dict[str, Any]] = {}
     """True: the student must have exactly the teacher's labels (what :meth:`student_setup` returns); a student
     labelled otherwise gets a new head for them (``--head``, :func:`kdctl.engine.build.fit_head`)."""
 

@@ -67,5 +67,9 @@ def combined_class(classes: list[type[Distiller]], name: str) -> type[Combined]:
     """A :class:`Combined` subclass over ``classes`` (at least two), named ``name`` (e.g. ``"drkd+pred-kd"``)."""
     if len(classes) < 2:
         raise KdctlError(f"a combination needs two or more methods, got {name!r}")
-    return type("Combined", (Combined,), {"name": name, "part_classes": tuple(classes),
+    optim: dict[str, Any] = {}
+    for c in classes:  # every part's requirements (the tightest clipping where two ask for one)
+        for key, value in c.optim_defaults.items():
+            optim[key] = min(optim[key], value) if key in optim else value
+    return type("Combined", (Combined,), {"name": name, "part_classes": tuple(classes), "optim_defaults": optim,
                                           "same_label_space": any(c.same_label_space for c in classes)})

@@ -232,6 +232,10 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
     recipe = cfg.recipe or default_recipe_name(student_r.architecture or student_r.spec, student_r.family)
     apply_recipe(cfg, load_recipe(recipe))
     cfg.recipe = recipe
+    for key, value in (dist_cls.optim_defaults if dist_cls is not None else {}).items():
+        if not cfg.optim.get(key):  # what the method's published configuration relies on (MGD: clip_grad 35)
+            cfg.optim[key] = value
+            (info or warn)(f"{method}: [optim] {key} = {value}, as the method's published configuration has it")
     over = student_overrides(cfg, student_r, last, method_over)
     student = build_student(cfg, str(last) if last is not None else student_r, student_names, over, warn)
     if last is None:  # a resumed run's last/ already has its head
