@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from batches import padded_batch  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.kd_detr import KDDETR, sample_queries  # noqa: E402
@@ -57,14 +58,7 @@ def dirs(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def batch(n: int = 2) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    sizes = [(128, 96), (80, 128), (128, 128)][:n]
-    images = torch.zeros(n, 3, 128, 128)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.rand(3, h, w, generator=g)
-    targets = [{"boxes": torch.tensor([[10.0, 12, 50, 60], [30, 40, 90, 70]]), "labels": torch.tensor([0, 2])}] * n
-    return Batch(images=images, sizes=sizes, orig_sizes=[(2 * h, 2 * w) for h, w in sizes], targets=targets)
+batch = padded_batch
 
 
 @pytest.mark.parametrize("arch", ARCHS)

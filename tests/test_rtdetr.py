@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from batches import padded_batch, save_tiny  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.kd_detr import KDDETR  # noqa: E402
@@ -38,14 +39,7 @@ def build(arch: str, out: Path, d: int = 16, layers: int = 2, seed: int = 0, ric
               decoder_in_channels=[d, d, d], encoder_ffn_dim=2 * d, decoder_ffn_dim=2 * d, encoder_attention_heads=2,
               decoder_attention_heads=2, decoder_layers=layers, num_queries=10, num_denoising=4,
               use_pretrained_backbone=False, id2label=labels, label2id={n: i for i, n in labels.items()}, **extra)
-    m = model(cfg)
-    if rich:
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 1.0 / p[0].numel() ** 0.5)
-    m.save_pretrained(out)
-    return str(out)
+    return save_tiny(model(cfg), out, rich)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +53,7 @@ def dirs(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def batch(n: int = 2) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    sizes = [(128, 96), (80, 128), (128, 128)][:n]
-    images = torch.zeros(n, 3, 128, 128)
-    for i, (h, w) in enumerate(sizes):
-        images[i, :, :h, :w] = torch.rand(3, h, w, generator=g)
-    targets = [{"boxes": torch.tensor([[10.0, 12, 50, 60], [30, 40, 90, 70]]), "labels": torch.tensor([0, 2])}] * n
-    return Batch(images=images, sizes=sizes, orig_sizes=[(2 * h, 2 * w) for h, w in sizes], targets=targets)
+batch = padded_batch
 
 
 @pytest.mark.parametrize("arch", ARCHS)
