@@ -568,13 +568,17 @@ def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str, method: str 
 
 
 def resolved_kd(run_dir: Path, method: str) -> dict[str, Any] | None:
-    """The ``[kd.METHOD]`` table a run used (recipe + overrides, from ``RUN/config.toml``)."""
+    """The ``[kd.METHOD]`` table a run used: ``[resolved.kd]`` of ``RUN/config.toml`` (every option as run, written
+    by kdctl since session 6), else, for older runs, the recipe's table completed with the method's defaults."""
     from kdctl._compat import tomllib
 
     try:
         doc = tomllib.loads((run_dir / "config.toml").read_text())
     except (OSError, ValueError):
         return None
+    as_run = doc.get("resolved", {}).get("kd")
+    if as_run:
+        return as_run if "+" in method else as_run.get(method, as_run)
     kd, student = doc.get("kd", {}), doc.get("resolved", {}).get("student", "")
     if "+" in method:  # a combination: each part's table
         return {m: method_options(m, kd.get(m), student) for m in method.split("+")}

@@ -249,8 +249,13 @@ def test_combination_logs_both_terms_and_auto_records_pred_kd(tmp_path, tiny_ret
     keys = {k for row in rows for k in row if k.startswith("kd")}
     assert {"kd_pixel", "kd_relation", "kd_instance", "kd_pred_cls", "kd_pred_box"} <= keys
     assert all(math.isfinite(row[k]) for row in rows for k in keys if k in row)
+    as_run = tomllib.loads((r.run_dir / "config.toml").read_text())["resolved"]["kd"]  # every part, defaults filled in
+    assert as_run["pred-kd"]["score_threshold"] == 0.0 and as_run["pred-kd"]["nms_iou"] > 0
+    assert as_run["drkd"]["relation_dim"] == 16 and as_run["drkd"]["relation_filter"] == "learned"
+    assert as_run["drkd"]["pixel"] > 0 and as_run["drkd"]["normalize"] is True
     names = [c["name"] for c in json.loads((synth / "train.json").read_text())["categories"]]
     teacher = tiny_detr(tmp_path / "detr-teacher", names)
     r2 = Trainer(RunConfig(model=tiny_retinanet, teacher=teacher, name="x", kd=kd, **base)).run()
     assert r2.method == "pred-kd"
-    assert "pred-kd" in json.dumps(tomllib.loads((r2.run_dir / "config.toml").read_text()))
+    resolved = tomllib.loads((r2.run_dir / "config.toml").read_text())["resolved"]
+    assert resolved["method"] == "pred-kd" and set(resolved["kd"]) == {"pred-kd"}

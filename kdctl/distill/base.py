@@ -65,6 +65,11 @@ class Distiller(nn.Module):
         for the backward of the distiller's own trainable modules)."""
         return self.teacher.forward_taps(batch)
 
+    def kd_tables(self) -> dict[str, dict[str, Any]]:
+        """The ``[kd.<method>]`` tables as run (the recipe's keys completed with the method's defaults), per method
+        name, for the run's ``config.toml``."""
+        return {self.name: dict(self.weights)}
+
     def forward(self, student_out: TrainOutput, teacher_taps: dict[str, Any], batch: Batch) -> dict[str, Tensor]:
         """Weighted KD terms, each a scalar tensor with a key starting with ``kd_``."""
         raise NotImplementedError  # pragma: no cover - abstract

@@ -47,6 +47,10 @@ class Combined(Distiller):
         lead = next((c for c in cls.part_classes if c.same_label_space), cls.part_classes[0])
         return lead.student_setup(teacher, dataset_names)
 
+    def kd_tables(self) -> dict[str, dict[str, Any]]:
+        """Every part's ``[kd.<method>]`` table as run."""
+        return {k: v for part in self.parts.values() for k, v in part.kd_tables().items()}
+
     def teacher_taps(self, batch: Batch) -> dict[str, Any]:
         """Per part, its own teacher taps: ``{method: taps}``."""
         return {name: part.teacher_taps(batch) for name, part in self.parts.items()}

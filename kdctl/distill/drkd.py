@@ -189,7 +189,10 @@ class DRKD(Distiller):
         if relation_filter not in RELATION_FILTERS:
             raise KdctlError(f"[kd.drkd] relation_filter {relation_filter!r}: use one of {', '.join(RELATION_FILTERS)}")
         weights = resolve_weights(student, pixel, relation, instance)
-        super().__init__(teacher, student, **weights, normalize=bool(normalize))
+        super().__init__(teacher, student, **weights, normalize=bool(normalize), roi_size=int(roi_size),
+                         sampling_ratio=int(sampling_ratio), relation_dim=int(relation_dim),
+                         relation_filter=relation_filter, filter_hidden=int(filter_hidden),
+                         glore_normalize=bool(glore_normalize))
         self.w_pixel, self.w_relation, self.w_instance = weights["pixel"], weights["relation"], weights["instance"]
         self.normalize, self.roi_size, self.sampling_ratio = bool(normalize), int(roi_size), int(sampling_ratio)
         self.strides = shared_strides(teacher, student)

@@ -44,4 +44,5 @@ def resolved_summary(t: Any, names: list[str]) -> dict[str, Any]:
         "steps_per_epoch": t.steps_per_epoch, "save_every_steps": t.save_every,
         "student": t.student.architecture, "teacher": t.teacher.architecture if t.teacher else "",
         "classes": list(names), "trainable": t.trainable,
+        "kd": t.distiller.kd_tables() if t.distiller is not None else {},
     }
