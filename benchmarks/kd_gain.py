@@ -199,6 +199,7 @@ class PairPlan:
     optim: dict[str, Any] = field(default_factory=dict)  # recipe optimiser overrides, for every run of the pair
     kd: dict[str, Any] = field(default_factory=dict)  # [kd.METHOD] overrides of the distillation runs
     teacher_pair: str | None = None  # reuse the teacher of this pair (trained first if it does not exist yet)
+    recipe: str | None = None  # a recipe (preset or TOML file) for the student runs (--recipe)
     student_config: dict[str, Any] = field(default_factory=dict)  # preset config overrides of the student
     notes: list[str] = field(default_factory=list)
 
@@ -527,6 +528,7 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     max_steps=args.max_steps, batch_size=plan.batch_size, imgsz=plan.imgsz, lr=lr,
                     device=args.device, seed=seed, workers=args.workers, eval_every=plan.eval_every or 10**6,
                     log_every=20, name=name, output=str(args.work / "runs" / args.mode / (pair or plan.pair)),
+                    recipe=None if name.startswith("teacher") else plan.recipe,
                     pretrained_backbone=False, quiet=not args.verbose, optim=dict(plan.optim),
                     kd=kd_overrides(plan, kd_set) if task == "distill" else {},
                     teacher_amp=args.teacher_amp,
@@ -1141,8 +1143,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compare KD methods side by side on the same pair, seeds and inits, comma-separated: none "
                         "(the baseline) and kdctl distill --method names, e.g. none,drkd,cwd,pkd,mgd,pred-kd; writes "
                         "OUT/kd_methods.json and kd_methods.md (instead of --kd-set)")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a recipe TOML for the student runs (baselines and KD), e.g. benchmarks/recipes/"
+                        "rtdetr-plain.toml (the rtdetr recipe without EMA and augmentation); runs and results go "
+                        "under PAIR-STEM, the teacher is the pair's")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.recipe and not Path(args.recipe).is_file():
+        p.error(f"--recipe {args.recipe}: no such file")
+    if args.recipe and args.pair == "all":
+        p.error("--recipe runs one pair's students under another recipe: give --pair")
     args.methods = parse_methods(p, args.methods, args.kd_set)
     sets = [k.strip() for k in args.kd_set.split(",") if k.strip()]
     if sets == ["none"]:
@@ -1166,7 +1176,14 @@ def plans(args: argparse.Namespace) -> list[PairPlan]:
         plan = table[pair]
         changes = {"data": args.data, "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs,
                    "imgsz": args.imgsz, "batch_size": args.batch_size}
-        out.append(replace(plan, **{k: v for k, v in changes.items() if v is not None}))
+        plan = replace(plan, **{k: v for k, v in changes.items() if v is not None})
+        if args.recipe:  # the students under another recipe: own runs and results key, the pair's teacher
+            recipe = Path(args.recipe).resolve()
+            plan = replace(plan, pair=f"{plan.pair}-{recipe.stem}", teacher_pair=plan.teacher_pair or plan.pair,
+                           recipe=str(recipe), notes=[*plan.notes, f"students under the recipe {recipe.name} "
+                                                      f"({recipe.read_text().strip()!r}); the teacher is the "
+                                                      f"{plan.teacher_pair or plan.pair} pair's"])
+        out.append(plan)
     return out
 
 

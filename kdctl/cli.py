@@ -149,7 +149,8 @@ SaveEvery = Annotated[int | None, Opt(min=0, help=(
     "steps when an epoch is longer than that)."))]
 Name = Annotated[str | None, Opt(help="Run name under OUTPUT/TASK (auto-numbered: exp, exp2, ...).")]
 Output = Annotated[Path | None, Opt(help="Runs folder (default runs/).")]
-Recipe = Annotated[str | None, Opt(help="Recipe preset (cnn, retinanet, detr, ...; default: by architecture).")]
+Recipe = Annotated[str | None, Opt(help="Recipe preset (cnn, retinanet, detr, rtdetr, lwdetr; default: by "
+                                         "architecture) or a recipe TOML file (base = PRESET to start from one).")]
 Resume = Annotated[Path | None, Opt(help="Continue this run directory from its last checkpoint.")]
 Quiet = Annotated[bool, Opt("--quiet", "-q", help="Print only errors and the final table.")]
 NoPretrained = Annotated[

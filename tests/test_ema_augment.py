@@ -112,6 +112,35 @@ def test_existing_recipes_have_no_ema_and_no_augment(recipe):
     assert c.ema["decay"] == 0.0 and c.augment == {} and parse_augment(c.augment) is None
 
 
+def test_a_recipe_file_starts_from_a_preset_and_can_drop_its_ema_and_augment(tmp_path):
+    (tmp_path / "plain.toml").write_text('base = "rtdetr"\naugment = false\n[train]\nema = false\nepochs = 12\n'
+                                         '[optim]\nlr = 2e-4\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.toml").write_text('base = "../plain.toml"\n[optim]\nclip_grad = 1.0\n')
+    c = apply_recipe(RunConfig(), load_recipe(str(tmp_path / "sub" / "child.toml")))
+    official = apply_recipe(RunConfig(), load_recipe("rtdetr"))
+    assert c.ema["decay"] == 0.0 and c.augment == {} and parse_augment(c.augment) is None and c.epochs == 12
+    assert c.optim["lr"] == 2e-4 and c.optim["clip_grad"] == 1.0  # the file's keys win, key by key
+    assert {k: v for k, v in c.optim.items() if k not in ("lr", "clip_grad")} == \
+        {k: v for k, v in official.optim.items() if k not in ("lr", "clip_grad")}
+    assert c.kd == official.kd
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
+    for bad, match in ((tmp_path / "missing.toml", "cannot be read"), (tmp_path / "loop.toml", "comes back")):
+        with pytest.raises(KdctlError, match=match):
+            load_recipe(str(bad))
+    (tmp_path / "bad.toml").write_text('augment = 3\n')
+    with pytest.raises(KdctlError, match="augment must be a table or false"):
+        apply_recipe(RunConfig(), load_recipe(str(tmp_path / "bad.toml")))
+
+
+def test_a_run_records_its_recipe_file_absolutely(tmp_path, tiny_retinanet, synth, monkeypatch):
+    (tmp_path / "mine.toml").write_text('base = "retinanet"\n[optim]\nlr = 0.002\n')
+    monkeypatch.chdir(tmp_path)
+    r = train(cfg(tmp_path, tiny_retinanet, synth, max_steps=1, eval_every=100, recipe="mine.toml"))
+    c, _ = read_config(r.run_dir / "config.toml")
+    assert c.recipe == str(tmp_path / "mine.toml") and c.optim["lr"] == 0.002
+
+
 def test_augment_table_is_checked():
     with pytest.raises(KdctlError, match="unknown key"):
         parse_augment({"mosaic": 1.0})

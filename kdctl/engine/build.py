@@ -231,7 +231,7 @@ def build_models(cfg: RunConfig, data: Data, device: str, last: Path | None, war
         cfg.student_setup = {"labels": list(student_names), "overrides": dict(method_over), "exact": exact}
     recipe = cfg.recipe or default_recipe_name(student_r.architecture or student_r.spec, student_r.family)
     apply_recipe(cfg, load_recipe(recipe))
-    cfg.recipe = recipe
+    cfg.recipe = str(Path(recipe).expanduser().resolve()) if recipe.endswith(".toml") else recipe  # resumable anywhere
     for key, value in (dist_cls.optim_defaults if dist_cls is not None else {}).items():
         if not cfg.optim.get(key):  # what the method's published configuration relies on (MGD: clip_grad 35)
             cfg.optim[key] = value

@@ -123,14 +123,30 @@ class RunConfig:
         return cls(**copy.deepcopy(d))
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-    """A recipe preset, with its ``base`` recipe merged underneath."""
+def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe: a preset name, or a TOML file (``*.toml``, the presets' layout), with its ``base`` recipe (a preset
+    name, or a file relative to this one) merged underneath. ``augment = false`` drops a base's ``[augment]``."""
     from kdctl.specs import read_preset
 
-    r = read_preset(name, "recipes")
-    base = r.pop("base", None)
+    if name.endswith(".toml"):
+        path = Path(name).expanduser().resolve()
+        if str(path) in _seen:
+            raise KdctlError(f"recipe {name}: its base chain comes back to it")
+        try:
+            r = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise KdctlError(f"recipe file {name} cannot be read ({e.strerror or e})") from e
+        except tomllib.TOMLDecodeError as e:
+            raise KdctlError(f"recipe file {name}: invalid TOML ({e})") from e
+        base = r.pop("base", None)
+        if isinstance(base, str) and base.endswith(".toml") and not Path(base).expanduser().is_absolute():
+            base = str(path.parent / base)
+        _seen = (*_seen, str(path))
+    else:
+        r = read_preset(name, "recipes")
+        base = r.pop("base", None)
     if base:
-        merged = load_recipe(base)
+        merged = load_recipe(base, _seen)
         _deep_update(merged, r)
         return merged
     return r
@@ -177,7 +193,10 @@ def apply_recipe(cfg: RunConfig, recipe: dict[str, Any]) -> RunConfig:
             setattr(cfg, key, train[key])
     cfg.ema = ema_settings({**ema_settings(train.get("ema")), **cfg.ema})
     if not cfg.augment:
-        cfg.augment = copy.deepcopy(recipe.get("augment", {}))
+        augment = recipe.get("augment", {})
+        if augment is not False and not isinstance(augment, dict):
+            raise KdctlError(f"recipe: augment must be a table or false, not {augment!r}")
+        cfg.augment = copy.deepcopy(augment or {})
     optim = dict(DEFAULT_OPTIM)
     optim.update(recipe.get("optim", {}))
     optim.update(cfg.optim)  # explicit values (e.g. from a resumed config) win
