@@ -199,14 +199,21 @@ def writing_into(out: Path) -> Iterator[Path]:
 
 
 # --------------------------------------------------------------------------- hf / safetensors
-def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
-    """DETR: transformers directory; CNN: kdctl directory (no transformers class exists for it)."""
-    res = ExportResult("hf", out, det.family, det.architecture)
+def _save_weights(det: Detector, out: Path, fmt: str, half: bool) -> ExportResult:
+    """``det`` saved into ``out`` (a DETR as its stock transformers class where kdctl wrapped it; float16 weights
+    with ``half``): the common part of the ``hf`` and ``safetensors`` exports."""
+    res = ExportResult(fmt, out, det.family, det.architecture)
     if det.family == "detr":
         res.notes += [n for n in [detr_onnx.as_stock_transformers(det)] if n]
     if half:
         det.half()
     det.save(out)
+    return res
+
+
+def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
+    """DETR: transformers directory; CNN: kdctl directory (no transformers class exists for it)."""
+    res = _save_weights(det, out, "hf", half)
     if det.family == "detr":
         res.notes.append("loads with AutoModelForObjectDetection.from_pretrained(DIR) and "
                          "pipeline('object-detection', model=DIR), offline")
@@ -220,12 +227,7 @@ def export_hf(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
 
 def export_safetensors(det: Detector, out: Path, *, half: bool = False) -> ExportResult:
     """``model.safetensors`` + ``kdctl.json`` (+ the transformers ``config.json`` for DETRs)."""
-    res = ExportResult("safetensors", out, det.family, det.architecture)
-    if det.family == "detr":
-        res.notes += [n for n in [detr_onnx.as_stock_transformers(det)] if n]
-    if half:
-        det.half()
-    det.save(out)
+    res = _save_weights(det, out, "safetensors", half)
     if det.family == "detr":
         detr_onnx.save_kdctl_config(det, out)
     res.notes.append("weights + config; load with kdctl.load(DIR)" + (" (float16 weights)" if half else ""))

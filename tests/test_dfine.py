@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from batches import padded_batch, save_tiny  # noqa: E402
+from batches import assert_onnx_dynamic_batch, decode_own_queries, padded_batch, save_tiny  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.fdr import edge_kl, project, reexpress  # noqa: E402
@@ -64,18 +64,14 @@ def test_decode_parity(dirs, arch, train):
     """Decoding the model's own proposals reproduces its forward: logits, boxes, edge distributions and first-layer
     boxes; training mode has L + 1 logit sets (layer 0 before refinement first), eval mode only eval_idx's."""
     det = load_detector(dirs[arch])
-    det.train(train)
-    b = batch()
-    with torch.no_grad():
-        taps = det.forward_train(b).taps if train else det.forward_taps(b)
-        dec = det.decode(taps, taps["queries"], memory_index=taps["query_index"])
+    taps, dec = decode_own_queries(det, train)
     levels = 3 if train else 1
     assert dec["logits"].shape == (levels, 2, 10, 3) and dec["corners"].shape == (levels - train, 2, 10, 4, 9)
     for key in ("logits", "boxes", "corners", "initial_boxes"):
         assert taps[key].shape == dec[key].shape
         assert float((dec[key] - taps[key]).abs().max()) < 1e-5, key
     if not train:
-        out = det.model(pixel_values=det.pixel_inputs(b)[0])
+        out = det.model(pixel_values=det.pixel_inputs(batch())[0])
         assert torch.allclose(taps["logits"][-1], out.logits, atol=1e-6)
         assert torch.allclose(taps["boxes"][-1], out.pred_boxes, atol=1e-6)
 
@@ -182,23 +178,7 @@ def test_distribution_refused_without_fdr_heads(dirs, tmp_path):
 def test_onnx_dynamic_batch(tmp_path):
     """The graph (pixel_values only, square input) computes the model's outputs at another batch size; queries whose
     encoder score ties another position's are left out (onnxruntime may break the tie differently)."""
-    import onnxruntime as ort
-
-    from kdctl.models.detr import onnx as detr_onnx
-
-    det = load_detector(build("d_fine", tmp_path / "rich", seed=4, rich=True))
-    det.eval()
-    meta, _ = detr_onnx.export_onnx(det, tmp_path / "m.onnx", 128, 17)
-    assert [i["name"] for i in meta["inputs"]] == ["pixel_values"]
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # batch 3: dynamic
-    got = sess.run(None, {"pixel_values": x.numpy()})
-    keep = detr_onnx.comparable_queries(det, {"pixel_values": x})
-    with torch.no_grad():
-        ref = det.model(pixel_values=x)
-    assert int(keep.sum()) >= 10  # at least a third of the queries are untied
-    for g, r in zip(got, (ref.logits, ref.pred_boxes), strict=True):
-        assert float((torch.from_numpy(g)[keep] - r[keep]).abs().max()) < 1e-4
+    assert_onnx_dynamic_batch(load_detector(build("d_fine", tmp_path / "rich", seed=4, rich=True)), tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize(("preset", "millions"), [("dfine-n", 3.73), ("deimv2-atto", 0.49)])

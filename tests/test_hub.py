@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from batches import save_tiny_detr  # noqa: E402
 from clitools import invoke as run  # noqa: E402
 
 from kdctl.specs import load_detector  # noqa: E402
@@ -117,15 +118,7 @@ def hub(monkeypatch):
 
 # --------------------------------------------------------------------------- runs
 def tiny_detr_student(directory: Path) -> Path:
-    from transformers import DetrConfig, DetrForObjectDetection
-
-    torch.manual_seed(0)
-    cfg = DetrConfig(use_timm_backbone=False, backbone_config={
-        "model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 16], "embedding_size": 8,
-        "out_features": ["stage4"]}, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5,
-        id2label=dict(enumerate(NAMES)))
-    DetrForObjectDetection(cfg).save_pretrained(directory / "src")
+    save_tiny_detr(directory / "src", NAMES, widths=(8, 8, 16, 16), num_queries=5)
     return load_detector(str(directory / "src")).save(directory / "m")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from batches import padded_batch  # noqa: E402
+from batches import assert_final_layer_is_output, padded_batch  # noqa: E402
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.kd_detr import KDDETR, sample_queries  # noqa: E402
@@ -77,12 +77,7 @@ def test_decode_parity(dirs, arch, train):
     assert float((dec["logits"] - taps["logits"]).abs().max()) < 1e-5
     assert float((dec["boxes"] - taps["boxes"]).abs().max()) < 1e-5
     assert taps["decoder_kwargs"]["inputs_embeds"].shape[1] == (30 if train else 10)
-    with torch.no_grad():  # the final layer is the model's output
-        det.eval()
-        out = det.model(*det.pixel_inputs(b))
-        taps = det.forward_taps(b)
-    assert torch.allclose(taps["logits"][-1], out.logits, atol=1e-6)
-    assert torch.allclose(taps["boxes"][-1], out.pred_boxes, atol=1e-6)
+    assert_final_layer_is_output(det, b)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batches import save_tiny_detr
 
 from kdctl.errors import KdctlError
 from kdctl.export import export_model, run_onnx
@@ -22,18 +23,8 @@ NAMES = ["RBC", "WBC", "Platelets"]
 
 @pytest.fixture(scope="module")
 def detr_dir(tmp_path_factory) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, backbone_config={"model_type": "resnet", "depths": [1, 1, 1, 1],
-                                                 "hidden_sizes": [16, 32, 32, 64], "embedding_size": 16,
-                                                 "out_features": ["stage4"]},
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, id2label=dict(enumerate(NAMES)))
-    out = tmp_path_factory.mktemp("detr") / "m"
-    transformers.DetrForObjectDetection(cfg).save_pretrained(out)
-    return out
+    return Path(save_tiny_detr(tmp_path_factory.mktemp("detr") / "m", NAMES, widths=(16, 32, 32, 64), d_model=32,
+                               decoder_layers=2, ffn=32, num_queries=10))
 
 
 def weight_bytes(path: Path) -> dict[str, int]:

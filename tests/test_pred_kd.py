@@ -11,6 +11,7 @@ import pytest
 import tomllib
 import torch
 import transformers
+from batches import save_tiny_detr
 
 from kdctl.data.batch import collate
 from kdctl.distill.base import choose_method, distiller_class
@@ -38,14 +39,8 @@ TOL = 1e-6  # float32 terms at an exact match: rounding of logit(s) / box encodi
 
 def tiny_detr(directory, names=NAMES, seed=0):
     """A tiny DETR (softmax head) saved with save_pretrained."""
-    bb = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1],
-          "layer_type": "basic", "out_features": ["stage4"]}
-    c = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=bb, d_model=16,
-                                encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                                encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, id2label=dict(enumerate(names)))
-    torch.manual_seed(seed)
-    transformers.DetrForObjectDetection(c).save_pretrained(directory)
-    return str(directory)
+    return save_tiny_detr(directory, names, widths=(8, 16, 32, 64), decoder_layers=2, ffn=32, num_queries=10,
+                          seed=seed, backbone={"layer_type": "basic"})
 
 
 def cnn(spec, names=NAMES):

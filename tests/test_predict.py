@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batches import save_tiny_detr
 from clitools import invoke
 
 from kdctl.errors import KdctlError
@@ -21,23 +22,8 @@ NAMES = ["cat", "dog"]
 
 
 @pytest.fixture(scope="module")
-def detr_dir(tmp_path_factory) -> Path:
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, backbone_config={"model_type": "resnet", "depths": [1, 1, 1, 1],
-                                                 "hidden_sizes": [8, 16, 16, 32], "embedding_size": 8,
-                                                 "out_features": ["stage4"]},
-        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=8, id2label=dict(enumerate(NAMES)))
-    model = transformers.DetrForObjectDetection(cfg)
-    with torch.no_grad():  # distinct boxes and scores per query
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("detr") / "m"
-    model.save_pretrained(out)
-    return out
+def detr_dir(tmp_path_factory) -> Path:  # jitter: distinct boxes and scores per query
+    return Path(save_tiny_detr(tmp_path_factory.mktemp("detr") / "m", NAMES, jitter=0.3))
 
 
 def images(tiny_coco: Path) -> list[Path]:

@@ -13,7 +13,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from batches import padded_batch, save_tiny  # noqa: E402
+from batches import (  # noqa: E402
+    assert_final_layer_is_output,
+    assert_onnx_dynamic_batch,
+    decode_own_queries,
+    padded_batch,
+    save_tiny,
+)
 
 from kdctl.data.batch import Batch  # noqa: E402
 from kdctl.distill.kd_detr import KDDETR  # noqa: E402
@@ -62,24 +68,14 @@ def test_decode_parity(dirs, arch, train):
     """Decoding the model's own queries (its proposals, content at its top-k memory positions) reproduces every
     decoder layer of its forward; in training the denoising queries are not in the taps."""
     det = load_detector(dirs[arch])
-    det.train(train)
-    b = batch()
-    with torch.no_grad():
-        taps = det.forward_train(b).taps if train else det.forward_taps(b)
-        dec = det.decode(taps, taps["queries"], memory_index=taps["query_index"])
+    taps, dec = decode_own_queries(det, train)
     assert det.query_kind == "proposal" and taps["queries"].shape == (2, 10, 4)
     assert taps["logits"].shape == (2, 2, 10, 3) and dec["logits"].shape == (2, 2, 10, 3)
     assert float((dec["logits"] - taps["logits"]).abs().max()) < 1e-5
     assert float((dec["boxes"] - taps["boxes"]).abs().max()) < 1e-5
     if train:  # the recorded pass had 2 x num_denoising... denoising queries in front of the 10
         assert taps["decoder_kwargs"]["inputs_embeds"].shape[1] > 10
-    # the final layer is the model's output
-    with torch.no_grad():
-        det.eval()
-        out = det.model(*det.pixel_inputs(b))
-        taps = det.forward_taps(b)
-    assert torch.allclose(taps["logits"][-1], out.logits, atol=1e-6)
-    assert torch.allclose(taps["boxes"][-1], out.pred_boxes, atol=1e-6)
+    assert_final_layer_is_output(det, batch())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -214,23 +210,8 @@ def test_groups_isolated_and_predict_own_queries(dirs):
 
 
 def test_onnx_dynamic_batch_and_pipeline(dirs, tmp_path):
-    import onnxruntime as ort
-
-    from kdctl.models.detr import onnx as detr_onnx
-
     det = load_detector(dirs["rt_detr_v2-rich"])
-    det.eval()
-    meta, feeds = detr_onnx.export_onnx(det, tmp_path / "m.onnx", 128, 17)
-    assert [i["name"] for i in meta["inputs"]] == ["pixel_values"]
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    x = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # batch 3: dynamic
-    got = sess.run(None, {"pixel_values": x.numpy()})
-    keep = detr_onnx.comparable_queries(det, {"pixel_values": x})
-    with torch.no_grad():
-        ref = det.model(pixel_values=x)
-    assert int(keep.sum()) >= 10  # at least a third of the queries are untied in this model
-    for g, r in zip(got, (ref.logits, ref.pred_boxes), strict=True):
-        assert float((torch.from_numpy(g)[keep] - r[keep]).abs().max()) < 1e-4
+    assert_onnx_dynamic_batch(det, tmp_path / "m.onnx")
     det.save(tmp_path / "hf")
     from PIL import Image
     from transformers import pipeline

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import save_tiny_detr
 
 from kdctl.cli import main
 from kdctl.errors import KdctlError
@@ -17,15 +18,7 @@ NAMES = ["cat", "dog"]
 
 
 def tiny_detr_dir(path: Path) -> Path:
-    from transformers import DetrConfig, DetrForObjectDetection
-
-    torch.manual_seed(0)
-    c = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False,
-                   backbone_config={"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 16],
-                                    "embedding_size": 8, "out_features": ["stage4"]},
-                   d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                   encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, id2label=dict(enumerate(NAMES)))
-    DetrForObjectDetection(c).save_pretrained(path)
+    save_tiny_detr(path, NAMES, widths=(8, 8, 16, 16), num_queries=5)
     return path
 
 

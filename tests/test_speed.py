@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from batches import save_tiny_detr
 from clitools import invoke
 
 from kdctl.speed import benchmark
@@ -14,18 +14,7 @@ from kdctl.speed import benchmark
 
 @pytest.fixture(scope="module")
 def detr_dir(tmp_path_factory):
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.DetrConfig(
-        use_timm_backbone=False, backbone_config={"model_type": "resnet", "depths": [1, 1, 1, 1],
-                                                 "hidden_sizes": [8, 16, 16, 32], "embedding_size": 8,
-                                                 "out_features": ["stage4"]},
-        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5, id2label={0: "a"})
-    out = tmp_path_factory.mktemp("detr") / "m"
-    transformers.DetrForObjectDetection(cfg).save_pretrained(out)
-    return out
+    return save_tiny_detr(tmp_path_factory.mktemp("detr") / "m", ["a"], num_queries=5)
 
 
 def test_benchmark_rows(detr_dir):
