@@ -534,22 +534,38 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
                     teacher_amp=args.teacher_amp,
                     channels_last=None if args.channels_last is None else args.channels_last == "on")
     done = args.work / "runs" / args.mode / (pair or plan.pair) / task / name
-    if args.reuse and (done / "eval" / "last.json").is_file() and (done / "last").is_dir():
+    if args.reuse and finished(done):
         return reused_run(done, task, plan, name, method)
+    resume = args.reuse and (done / "last" / "trainer.pt").is_file()  # an unfinished run (e.g. killed): continue it
+    if resume:
+        log(f"{plan.pair} {name}: resuming the unfinished run {done}")
     t0 = time.perf_counter()
     with _old_binary_kl(task == "distill" and kd_set == "old" and plan.method == "kd-detr"):
-        r = train(cfg)
+        r = train(resume=done) if resume else train(cfg)
     secs = time.perf_counter() - t0
     m = r.metrics
     out = {"AP": round(100 * m["AP"], 2), "AP50": round(100 * m["AP50"], 2), "AP75": round(100 * m["AP75"], 2),
            "method": r.method, "seconds": round(secs, 1), "step_time": round(r.step_time, 4), "steps": r.steps,
-           "run_dir": str(r.run_dir)}
+           "run_dir": str(r.run_dir), **({"resumed": True} if resume else {})}
     if task == "distill":
         out["kd_set"] = kd_set
         out["kd_resolved"] = resolved_kd(Path(r.run_dir), plan.method if method == "auto" else r.method)
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
         f"{r.steps} steps, method {r.method})")
     return out
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` trained every step it planned: its last evaluation (``eval/last.json``, also written by
+    the periodic evaluations of an unfinished run) is at ``[resolved] total_steps`` of its ``config.toml``."""
+    from kdctl._compat import tomllib
+
+    try:
+        step = json.loads((run_dir / "eval" / "last.json").read_text()).get("step")
+        total = tomllib.loads((run_dir / "config.toml").read_text()).get("resolved", {}).get("total_steps")
+    except (OSError, ValueError):
+        return False
+    return (run_dir / "last").is_dir() and step is not None and total is not None and step >= total
 
 
 def reused_run(run_dir: Path, task: str, plan: PairPlan, name: str, method: str = "auto") -> dict[str, Any]:
@@ -690,9 +706,9 @@ def given_teacher(run_dir: str) -> dict[str, Any]:
 
 
 def latest_teacher(args: argparse.Namespace, pair: str) -> str | None:
-    """The newest finished teacher run of ``pair`` in this mode (``runs/MODE/PAIR/train/teacher*`` with a best/)."""
-    runs = [d for d in (args.work / "runs" / args.mode / pair / "train").glob("teacher*") if (d / "eval").is_dir()
-            and (d / "last").is_dir()]
+    """The newest finished teacher run of ``pair`` in this mode (``runs/MODE/PAIR/train/teacher*``, every step
+    trained: :func:`finished`)."""
+    runs = [d for d in (args.work / "runs" / args.mode / pair / "train").glob("teacher*") if finished(d)]
     return str(max(runs, key=lambda d: d.stat().st_mtime)) if runs else None
 
 
