@@ -18,7 +18,7 @@ import kd_gain  # noqa: E402
 def fake_run(d: Path, step: int | None, total: int | None, last: bool = True) -> Path:
     (d / "eval").mkdir(parents=True)
     if step is not None:
-        (d / "eval" / "last.json").write_text(json.dumps({"step": step, "AP": 0.1}))
+        (d / "eval" / "last.json").write_text(json.dumps({"step": step, "AP": 0.1, "AP50": 0.2, "AP75": 0.05}))
     (d / "config.toml").write_text("task = \"train\"\n" + (f"[resolved]\ntotal_steps = {total}\n" if total else ""))
     if last:
         (d / "last").mkdir()
@@ -55,3 +55,20 @@ def test_recipe_plan_has_its_own_runs_and_the_pairs_teacher(tmp_path):
     for bad in (["--pair", "all", "--recipe", str(recipe)], ["--pair", "fcos", "--recipe", str(tmp_path / "x.toml")]):
         with pytest.raises(SystemExit):
             kd_gain.parse_args(bad)
+
+
+def test_methods_table_reuses_the_pairs_own_method_run(tmp_path, monkeypatch):
+    """--methods with --reuse takes the pair's own method (DRKD on fcos) from the finished --kd-set new run of the
+    seed (the same config), and trains the others."""
+    args = kd_gain.parse_args(["--small", "--pair", "fcos", "--methods", "none,drkd,cwd", "--reuse",
+                               "--work", str(tmp_path)])
+    args.resolved_device = "cpu"
+    plan = kd_gain.SMALL["fcos"]
+    fake_run(tmp_path / "runs" / "small" / "fcos" / "distill" / "student-kd-new-s0", 520, 520)
+    (tmp_path / "runs" / "small" / "fcos" / "distill" / "student-kd-new-s0" / "metrics.jsonl").write_text("")
+    trained = []
+    monkeypatch.setattr(kd_gain, "run_one", lambda *a, **k: trained.append(k["method"]) or {"AP": 1.0})
+    monkeypatch.setattr(kd_gain, "write_methods", lambda *a, **k: None)
+    kd_gain.run_methods(plan, args, tmp_path, {"AP": 40.0, "run_dir": "T"}, {0: "init", 1: "init"},
+                        [{"AP": 1.0}, {"AP": 1.0}], [0, 1], 0.0)
+    assert trained == ["cwd", "drkd", "cwd"]  # seed 0: drkd reused; seed 1 has no kd-new run
