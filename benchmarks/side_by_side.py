@@ -164,10 +164,15 @@ class Bare:
         self.teacher_forward(x)
         self.step(x)
 
-    def method(self, x) -> None:  # (d)
-        self.m_opt.zero_grad(set_to_none=True)
+    def method(self, x, late_zero_grad: bool = False) -> None:  # (d)
+        """The method floor; ``late_zero_grad``: free the gradients just before the backward as kdctl does (#22)
+        instead of at the start of the step (the variant that says how much of e/d < 1 that placement is)."""
+        if not late_zero_grad:
+            self.m_opt.zero_grad(set_to_none=True)
         loss = self._loss(self.m_model, x)
         loss = loss + (self._kd_detr(x) if self.family == "detr" else self._drkd(x))
+        if late_zero_grad:
+            self.m_opt.zero_grad(set_to_none=True)
         self._finish(self.m_opt, self.m_params, loss)
 
     def _kd_detr(self, x) -> torch.Tensor:
@@ -212,10 +217,14 @@ class Bare:
         return sum(terms.values())
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: process CPU time (1 thread: robust to
+# other processes waiting for the cores, as benchmarks/overhead.py measures)
+
+
+def timed(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def run_pair(name: str, pair: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -245,6 +254,7 @@ def run_pair(name: str, pair: dict[str, Any], args: argparse.Namespace, work: Pa
         loops["b_old_taps"] = lambda i: taps_step(tt, batches[i])
         loops["e_old_zero_grad"] = lambda i: old_zero_grad_step(td, batches[i])
         loops["e_old_unfolded_teacher"] = lambda i: kdctl_step(old, batches[i])
+        loops["d_method_late_zero_grad"] = lambda i: bare.method(xs[i], late_zero_grad=True)
         if tt.student.family == "detr":  # the same samples collated to a multiple of 32 (as before #22)
             ds = tt.loader.dataset
             idx = [list(range(j * args.batch, (j + 1) * args.batch)) for j in range(4)]
@@ -255,7 +265,7 @@ def run_pair(name: str, pair: dict[str, Any], args: argparse.Namespace, work: Pa
     times: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(args.warmup + args.rounds):
         for k, fn in loops.items():
-            ms = timed(functools.partial(fn, r % len(batches)))
+            ms = timed(functools.partial(fn, r % len(batches)), CLOCKS[args.timer])
             if r >= args.warmup:
                 times[k].append(ms)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -300,7 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    ap.add_argument("--fixes", action="store_true", help="add the before/after variants of the #22 fixes")
+    ap.add_argument("--fixes", action="store_true", help="add the before/after variants of the #22 fixes (and "
+                    "the method floor with kdctl's zero_grad placement, d_method_late_zero_grad)")
+    ap.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
+                    help="wall time (default), or process CPU time (cpu: with --threads 1, on a shared machine)")
     ap.add_argument("--note", default="", help="a line for the report (e.g. that the machine was shared)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -308,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    rep: dict[str, Any] = {"machine": f"CPU {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s)",
+    rep: dict[str, Any] = {"machine": f"CPU {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), "
+                                      f"{'process CPU' if args.timer == 'cpu' else 'wall'} time",
                            "batch": args.batch, "imgsz": args.imgsz, "rounds": args.rounds, "warmup": args.warmup,
                            "note": args.note, "loops": {"a_bare": "bare library loop", "b_train": "kdctl train",
                                                         "c_floor": "bare floor (a + teacher forward)",
