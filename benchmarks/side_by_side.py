@@ -53,7 +53,7 @@ def trainer(task: str, pair: dict[str, Any], teacher_dir: str, args: argparse.Na
     from kdctl.engine.trainer import Trainer
 
     cfg = RunConfig(task=task, model=pair["student"], teacher=teacher_dir if task == "distill" else None,
-                    data=args.data, max_steps=10_000, batch_size=args.batch, imgsz=args.imgsz, device="cpu",
+                    data=args.data, max_steps=10_000, batch_size=args.batch, imgsz=args.imgsz, device=args.device,
                     workers=0, output=str(work), quiet=True, seed=0, pretrained_backbone=False, **kw)
     t = Trainer(cfg)
     t.setup()
@@ -94,18 +94,21 @@ class Bare:
         from kdctl.specs import load_detector
 
         self.family, self.clip = family, float(tt.cfg.optim.get("clip_grad") or 0)
+        self.device = torch.device(tt.device)
+        self.amp = tt.amp  # the student's autocast dtype as kdctl trains (bf16 on CUDA by default, none on CPU)
         self.model = copy.deepcopy(tt.student.model).train()
         names = {id(p): n for n, p in tt.student.model.named_parameters()}
         self.opt = same_optimizer(tt.optimizer, names, dict(self.model.named_parameters()))
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         tdet = load_detector(teacher_dir).eval().requires_grad_(False)
         tdet.set_classes(tt.val_data.names)
+        tdet.to(self.device)
         # the teacher as kdctl runs it (#22: like for like): its frozen BatchNorms folded into its convolutions when
         # the distill run folds them, and its forward under the distill run's teacher autocast dtype
         if td.cfg.fold_teacher_norms:
             from kdctl.engine.fold import fold_teacher
 
-            fold_teacher(tdet, "cpu")
+            fold_teacher(tdet, self.device.type)
         self.teacher_amp = td.teacher_amp
         self.teacher_det, self.teacher = tdet, tdet.model
         self.adapter, self.student_det = tt.student, tt.student
@@ -134,10 +137,15 @@ class Bare:
         targets = [{"boxes": t["boxes"], "labels": self.adapter.model_labels(t["labels"]) + 1} for t in b.targets]
         return {"images": images, "targets": targets, "batch": b}
 
+    def student_context(self):
+        """The student's autocast as kdctl's step runs it (forward and KD loss; none on CPU by default)."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
     def _loss(self, model, x) -> torch.Tensor:
-        if self.family == "detr":
-            return model(pixel_values=x["pixel_values"], pixel_mask=x["pixel_mask"], labels=x["labels"]).loss
-        return sum(model(x["images"], x["targets"]).values())
+        with self.student_context():
+            if self.family == "detr":
+                return model(pixel_values=x["pixel_values"], pixel_mask=x["pixel_mask"], labels=x["labels"]).loss
+            return sum(model(x["images"], x["targets"]).values())
 
     def _finish(self, opt, params, loss) -> None:
         loss.backward()
@@ -151,7 +159,8 @@ class Bare:
 
     def teacher_context(self):
         """The teacher's autocast (kdctl's ``--teacher-amp``; float32 when the distill run has none)."""
-        return torch.autocast("cpu", dtype=self.teacher_amp or torch.float32, enabled=self.teacher_amp is not None)
+        return torch.autocast(self.device.type, dtype=self.teacher_amp or torch.float32,
+                              enabled=self.teacher_amp is not None)
 
     def teacher_forward(self, x, inference: bool = True):
         with torch.inference_mode() if inference else torch.no_grad(), self.teacher_context():
@@ -170,7 +179,8 @@ class Bare:
         if not late_zero_grad:
             self.m_opt.zero_grad(set_to_none=True)
         loss = self._loss(self.m_model, x)
-        loss = loss + (self._kd_detr(x) if self.family == "detr" else self._drkd(x))
+        with self.student_context():
+            loss = loss + (self._kd_detr(x) if self.family == "detr" else self._drkd(x))
         if late_zero_grad:
             self.m_opt.zero_grad(set_to_none=True)
         self._finish(self.m_opt, self.m_params, loss)
@@ -185,17 +195,18 @@ class Bare:
             tout = t(pixel_values=x["teacher"], pixel_mask=x["pixel_mask"])
             h.remove()
             n = x["pixel_values"].shape[0]
-            general = torch.randn(300, t.config.d_model)
+            general = torch.randn(300, t.config.d_model, device=self.device)
             tq = torch.cat([t.model.query_position_embeddings.weight, general])
-            th = t.model.decoder(**{**tkw, "inputs_embeds": torch.zeros(n, len(general), t.config.d_model),
+            th = t.model.decoder(**{**tkw, "inputs_embeds": torch.zeros(n, len(general), t.config.d_model,
+                                                                         device=self.device),
                                     "object_queries_position_embeddings": general.expand(n, -1, -1)})[0]
             t_logits = torch.cat([tout.logits, t.class_labels_classifier(th)], 1).float()
             t_boxes = torch.cat([tout.pred_boxes, t.bbox_predictor(th).sigmoid()], 1).float()
         s = self.m_model
         q = self.m_dist.projection(tq) if self.m_dist.projection is not None else tq
-        sh = s.model.decoder(**{**skw, "inputs_embeds": torch.zeros(n, len(q), s.config.d_model),
+        sh = s.model.decoder(**{**skw, "inputs_embeds": torch.zeros(n, len(q), s.config.d_model, device=self.device),
                                 "object_queries_position_embeddings": q.expand(n, -1, -1)})[0]
-        s_logits, s_boxes = s.class_labels_classifier(sh), s.bbox_predictor(sh).sigmoid()
+        s_logits, s_boxes = s.class_labels_classifier(sh).float(), s.bbox_predictor(sh).sigmoid().float()
         temp = 10.0
         kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.softmax(t_logits / temp, -1), reduction="sum") * temp**2
         xyxy = lambda b: torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)  # noqa: E731
@@ -221,9 +232,15 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: process C
 # other processes waiting for the cores, as benchmarks/overhead.py measures)
 
 
-def timed(fn, clock=time.perf_counter) -> float:
+def timed(fn, clock=time.perf_counter, device: str = "cpu") -> float:
+    """Milliseconds of ``fn()`` (CUDA: synchronised before and after, so queued kernels count)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
     t0 = clock()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return (clock() - t0) * 1e3
 
 
@@ -241,7 +258,7 @@ def run_pair(name: str, pair: dict[str, Any], args: argparse.Namespace, work: Pa
     tt = trainer("train", pair, tdir, args, work)
     td = trainer("distill", pair, tdir, args, work)
     bare = Bare(tt, td, tdir, "detr" if tt.student.family == "detr" else "cnn")
-    batches = [b for b, _ in zip(tt.loader, range(4), strict=False)]
+    batches = [b.to(args.device) for b, _ in zip(tt.loader, range(4), strict=False)]
     xs = [bare.inputs(b) for b in batches]
     loops: dict[str, Any] = {
         "a_bare": lambda i: bare.step(xs[i]), "b_train": lambda i: kdctl_step(tt, batches[i]),
@@ -258,14 +275,14 @@ def run_pair(name: str, pair: dict[str, Any], args: argparse.Namespace, work: Pa
         if tt.student.family == "detr":  # the same samples collated to a multiple of 32 (as before #22)
             ds = tt.loader.dataset
             idx = [list(range(j * args.batch, (j + 1) * args.batch)) for j in range(4)]
-            pad = [collate([ds[k] for k in ks], stride=32) for ks in idx]
-            nopad = [collate([ds[k] for k in ks], stride=1) for ks in idx]
+            pad = [collate([ds[k] for k in ks], stride=32).to(args.device) for ks in idx]
+            nopad = [collate([ds[k] for k in ks], stride=1).to(args.device) for ks in idx]
             loops["b_pad1"] = lambda i: kdctl_step(tt, nopad[i])
             loops["b_old_pad32"] = lambda i: kdctl_step(tt, pad[i])
     times: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(args.warmup + args.rounds):
         for k, fn in loops.items():
-            ms = timed(functools.partial(fn, r % len(batches)), CLOCKS[args.timer])
+            ms = timed(functools.partial(fn, r % len(batches)), CLOCKS[args.timer], args.device)
             if r >= args.warmup:
                 times[k].append(ms)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -309,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the engine's default precision there: bf16)")
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     ap.add_argument("--fixes", action="store_true", help="add the before/after variants of the #22 fixes (and "
                     "the method floor with kdctl's zero_grad placement, d_method_late_zero_grad)")
@@ -321,7 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    rep: dict[str, Any] = {"machine": f"CPU {cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), "
+    if args.device.startswith("cuda") and args.timer == "cpu":
+        ap.error("--timer cpu measures the host, not the GPU: use wall time on CUDA")
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU {cpu_model()}, {args.threads} thread(s)")
+    rep: dict[str, Any] = {"machine": f"{where}, torch {torch.__version__}, "
                                       f"{'process CPU' if args.timer == 'cpu' else 'wall'} time",
                            "batch": args.batch, "imgsz": args.imgsz, "rounds": args.rounds, "warmup": args.warmup,
                            "note": args.note, "loops": {"a_bare": "bare library loop", "b_train": "kdctl train",

@@ -22,12 +22,14 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
                         str(tmp_path / "work")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
-    for word in ("overhead", "throughput", "gain", "cuda paths"):
+    for word in ("overhead", "throughput", "side_by_side", "gain", "cuda paths"):
         assert word in out.lower(), f"no {word!r} in the smoke output"
     doc = json.loads((tmp_path / "work" / "results" / "gpu_suite.json").read_text())
     assert doc["smoke"] is True and doc["device"] == "cpu"
     sections = doc["sections"]
-    assert set(sections) == {"cuda_paths", "overhead", "throughput", "gain"}
+    assert set(sections) == {"cuda_paths", "overhead", "throughput", "side_by_side", "gain"}
+    assert sections["side_by_side"]["status"] == "pass" and set(sections["side_by_side"]["ratios"]["detr"]) == \
+        {"b/a", "e/d", "e/c"}
     assert all(s["status"] in ("pass", "partial", "skipped") for s in sections.values()), sections
     checks = {c["check"]: c["status"] for c in sections["cuda_paths"]["checks"]}
     assert checks.get("resume = uninterrupted (fcos)") == "pass"

@@ -40,3 +40,15 @@ def build_optimizer(student: nn.Module, distiller: nn.Module | None, o: dict[str
         except (RuntimeError, TypeError, ValueError):
             pass
     return cls(groups, lr=lr, **kw)
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A 0-d bool tensor on the parameters' device: every gradient the optimiser would apply is finite (one norm over
+    them, no host sync). Under bf16 autocast nothing else checks it: there is no GradScaler, and torch's CPU bf16
+    convolution can return a non-finite weight gradient (2.14.1: a 3x3 stride-2 convolution on a 1x1 map)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    norm = total(grads) if total else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.isfinite(norm)

@@ -35,6 +35,7 @@ from kdctl.engine.checkpoint import (
 )
 from kdctl.engine.config import RunConfig, read_config, save_interval, write_config
 from kdctl.engine.ema import evaluated_model
+from kdctl.engine.optim import grads_finite
 from kdctl.engine.precision import dtype_name, peak_memory_mb
 from kdctl.engine.progress import MetricsLog, Reporter, final_rows, percent, plot
 from kdctl.engine.runlock import RunLock
@@ -289,18 +290,19 @@ class Trainer:
         return terms
 
     def _optimizer_step(self, window: dict[str, list[Tensor]]) -> None:
-        # the one host sync of a step (as GradScaler's own inf check), agreed on by every rank
-        finite = D.all_true(bool(self._finite.item()), self.dist, torch.device(self.device))
+        # the one host sync of a step (as GradScaler's inf check), agreed on by every rank; bf16: gradients too
+        ok = self._finite & grads_finite(self.optimizer) if self.amp == torch.bfloat16 else self._finite
+        finite = D.all_true(bool(ok.item()), self.dist, torch.device(self.device))
         pending, self._pending, self._finite = self._pending, None, None
         if not finite:
             self.nonfinite += 1
             self._stale_grads = True
-            self.report.warn(f"non-finite loss at step {self.pos.step + 1}; step skipped "
+            self.report.warn(f"non-finite loss or gradients at step {self.pos.step + 1}; step skipped "
                              f"({self.nonfinite}/{MAX_NONFINITE} in a row)")
             if self.nonfinite >= MAX_NONFINITE:
-                raise KdctlError(
-                    f"the loss was non-finite for {MAX_NONFINITE} steps in a row (step {self.pos.step + 1}); "
-                    f"lower --lr, try --amp off, or check the data. Last good checkpoint: {self.run_dir}/last")
+                raise KdctlError(f"the loss or its gradients were non-finite for {MAX_NONFINITE} steps in a row "
+                                 f"(step {self.pos.step + 1}); lower --lr, try --amp off, or check the data. Last "
+                                 f"good checkpoint: {self.run_dir}/last")
             self.pos.step += 1
             self.scheduler.step()
             return
