@@ -720,7 +720,7 @@ def run_pair(plan: PairPlan, args: argparse.Namespace) -> None:
     log(f"{plan.pair}: data {data}, teacher {plan.teacher} ({plan.teacher_epochs} ep), student {plan.student} "
         f"({plan.student_epochs} ep), imgsz {plan.imgsz}, batch {plan.batch_size}, seeds {args.seeds}, "
         + (f"methods {', '.join(args.methods)}" if args.methods else f"KD sets {args.kd_sets or 'none'}"))
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seed_from, args.seeds))
     students: list[dict] = []
     kds: dict[str, list[dict]] = {k: [] for k in args.kd_sets}
 
@@ -1131,6 +1131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(KD-DETR), detr-fcos-synth, fcos-detr-synth (across families: pred-kd), or all of them")
     p.add_argument("--data", default=None, help="bccd, synth or a dataset folder (default: per pair)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds (default: 2 small, 3 full)")
+    p.add_argument("--seed-from", type=int, default=0, metavar="K",
+                   help="run only seeds K..SEEDS-1 (a second process taking the last seeds of a pair while the "
+                        "first runs the others; with --reuse the first then reuses them, and its record has all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=WORK, help="runs, data and weights (git-ignored)")
@@ -1190,6 +1193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.kd_sets = sets
     args.mode = "small" if args.small else "full"
     args.seeds = args.seeds or (2 if args.small else 3)
+    if not 0 <= args.seed_from < args.seeds:
+        p.error(f"--seed-from {args.seed_from}: use 0 to {args.seeds - 1} (--seeds {args.seeds})")
     return args
 
 

@@ -72,3 +72,10 @@ def test_methods_table_reuses_the_pairs_own_method_run(tmp_path, monkeypatch):
     kd_gain.run_methods(plan, args, tmp_path, {"AP": 40.0, "run_dir": "T"}, {0: "init", 1: "init"},
                         [{"AP": 1.0}, {"AP": 1.0}], [0, 1], 0.0)
     assert trained == ["cwd", "drkd", "cwd"]  # seed 0: drkd reused; seed 1 has no kd-new run
+
+
+def test_seed_from_takes_the_last_seeds_only():
+    assert kd_gain.parse_args(["--small", "--pair", "fcos", "--seeds", "3", "--seed-from", "2"]).seed_from == 2
+    for bad in ("3", "-1"):
+        with pytest.raises(SystemExit):
+            kd_gain.parse_args(["--small", "--pair", "fcos", "--seeds", "3", "--seed-from", bad])
