@@ -148,6 +148,17 @@ NOTES: dict[str, list[str]] = {  # per result key (METHOD-PAIR-SET): findings of
         "The earlier session's run of this pair (val split, old defaults, a teacher at 34.3 AP) gained +6.7 "
         "(+7.2 / +4.5 / +8.9 / +5.3 / +7.5); this one +4.7 with a retrained teacher (33.4 AP) and other engine code.",
     ],
+    "kd-detr-rtdetr-synth-new": [
+        "Both students are still climbing steeply when the 12 epochs end (AP at epoch 6 / 12, seed 0: 2.3 / 10.3 "
+        "without KD, 3.7 / 15.4 with KD-DETR), so the gain is measured mid-learning; the teacher itself reached 21.4 "
+        "after 24 epochs (1.6 / 12.8 / 13.0 / 21.4 at epochs 6 / 12 / 18 / 24).",
+        "Loss magnitudes (metrics.jsonl, mean of the first / last 5 logged steps, seed 0): detection loss 24.5 -> 12.3 "
+        "(baseline 22.9 -> 12.4); weighted KD terms kd_cls 20.4 -> 1.1, kd_l1 0.14 -> 0.07, kd_giou 0.61 -> 0.40: "
+        "the class term carries KD-DETR here.",
+        "Seed 0's baseline was killed at step 400 of 480 at the end of session 5 and resumed (kdctl resumes exactly); "
+        "its time (95 s) is the resumed part. Before kd_gain checked total_steps it had reused that run as finished, "
+        "with the AP of its epoch-6 evaluation (2.3).",
+    ],
     "drkd-fcos-old": [
         "Loss magnitudes (first / last 5 logged steps): detection 2.2 -> 1.04 (baselines 2.2 -> 1.05); weighted "
         "DRKD terms pixel 8.1 -> 3.1, relation 3.7 -> 2.0, instance 4.3 -> 2.6 (old: summed distances, batch 4 "
