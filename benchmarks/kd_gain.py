@@ -159,6 +159,12 @@ NOTES: dict[str, list[str]] = {  # per result key (METHOD-PAIR-SET): findings of
         "its time (95 s) is the resumed part. Before kd_gain checked total_steps it had reused that run as finished, "
         "with the AP of its epoch-6 evaluation (2.3).",
     ],
+    "kd-detr-dab-detr-synth-new": [
+        "New minus old (the unscaled Bernoulli class term) -1.7 AP [-2.4, -1.1] on the same seeds. With the old term "
+        "the students' own focal class loss ends lower (0.64-0.69 vs 0.80-0.84, seeds 0-1, mean of the last 5 logged "
+        "steps) and their box losses higher; a softmax over the C sigmoid logits is blind to a shift of all of them "
+        "(a reading of the losses, not a measurement of what the general points carry).",
+    ],
     "kd-detr-rtdetr-synth-rtdetr-plain-new": [
         "Baselines only (--kd-set none): the rtdetr-synth students with the rtdetr recipe's EMA and augmentation "
         "off reach 25.3 / 13.9 / 25.3 AP against 10.3 / 10.7 / 12.0 with them (same seeds, inits, epochs).",

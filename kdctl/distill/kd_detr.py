@@ -66,8 +66,8 @@ Design choices (where the paper, the reference code and kdctl's model zoo leave 
   (q = sigmoid(t/T)). ``k_i = ||F_softmax||_F / ||F_binary||_F`` equalises the RMS gradient for an isotropic
   student error, at any C and any teacher distribution (measured ratio binary / reference 1.00 at C = 3, 1.02 at
   20, 80 and 91; tests/test_kd_detr.py::test_class_term_gradient_scale).
-  The softmax form cannot see a shift of all C logits, so it does not pass on the teacher's "no object here";
-  on the 3-class dab-detr-synth pair the (unscaled) binary form gained 1.7 AP more (benchmarks/results/kd_gain.md).
+  The softmax form is blind to a shift of all C logits (likely why it passes on less of a sigmoid teacher's "no
+  object here"): on the 3-class dab-detr-synth pair the unscaled binary form gained 1.7 AP more (kd_gain.md).
 * Normalisation. ``normalize = False`` (default) follows the reference code: L_cls is a weighted SUM over points
   (it grows with the per-device batch size and the number of points; the reference weights 1/5/2 were tuned for it,
   with 8 images x 300 points per GPU). ``normalize = True`` divides L_cls by sum_i w_i as well, like the box terms,
