@@ -26,7 +26,7 @@ stand-in for a hub checkpoint):
   FCOS x0.5 student, and an FCOS MobileNet-V2 teacher -> the DAB-DETR 2+3 student, on the dab-detr-synth data.
 * ``rtdetr-synth`` (KD-DETR): RT-DETR r18vd -> the same at d 128, 2 decoder layers (from scratch, 160 px).
 * ``rfdetr-synth`` (KD-DETR): RF-DETR Small -> RF-DETR Nano (presets, from scratch) on the dab-detr-synth set.
-* ``dfine-synth`` (KD-DETR): D-FINE-S -> D-FINE-N from scratch on the ``dab-detr-synth`` set, 320 px.
+* ``dfine-synth`` (KD-DETR): D-FINE-S -> D-FINE-N (60 queries) from scratch on the ``rtdetr-synth`` set, 160 px.
 
 Usage::
 
@@ -278,17 +278,20 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                                     "the rtdetr recipe (EMA, augmentation) with AdamW lr 2e-4 and the backbone at the "
                                     "full lr (backbone_lr_mult 1: a from-scratch backbone)", "data: 400 synthetic images of 1-3 "
                                     "shapes of 24 px or more (320 train / 80 val), 160 px"]),
-    "dfine-synth": PairPlan("dfine-synth", "kd-detr", "dfine-s", "dfine-n", "synth", imgsz=320, batch_size=8,
-                            teacher_epochs=30, student_epochs=12, eval_every=10, synth_images=600,
-                            synth_size=(128, 192),
+    "dfine-synth": PairPlan("dfine-synth", "kd-detr", "dfine-s", "dfine-n", "synth", imgsz=160, batch_size=8,
+                            teacher_epochs=24, student_epochs=12, teacher_lr=2e-4, student_lr=2e-4, eval_every=6,
+                            synth_images=400, synth_size=(128, 192),
                             synth_kwargs={"max_objects": 3, "min_object": 24, "splits": {"train": 0.8, "val": 0.2}},
-                            notes=["teacher D-FINE-S, student D-FINE-N (the published architectures), both from "
-                                   "scratch (no ImageNet HGNetv2 weights offline), the rtdetr recipe; the "
-                                   "dab-detr-synth set (1-3 shapes, 480 train / 120 val) at 320 px: D-FINE-N's 300 "
-                                   "queries need 300 positions at strides 16 and 32, so at least 256 px (the recipe's "
-                                   "multi-scale goes down to 256)",
-                                   "--kd-set new,box=distribution compares KD-DETR's box term on decoded boxes with "
-                                   "the edge-distribution term"]),
+                            optim={"backbone_lr_mult": 1.0}, student_config={"num_queries": 60},
+                            notes=["teacher: D-FINE-S as published (300 queries); student: D-FINE-N as published "
+                                   "but 60 queries: its two levels (strides 16, 32) give 80 positions at the "
+                                   "recipe's smallest multi-scale size, 128 px; both from scratch (no ImageNet "
+                                   "HGNetv2 weights offline)", "the rtdetr recipe (EMA, augmentation) with AdamW lr "
+                                   "2e-4 and the backbone at the full lr (a from-scratch backbone), as rtdetr-synth",
+                                   "data: rtdetr-synth's 400 synthetic images of 1-3 shapes of 24 px or more (320 "
+                                   "train / 80 val), 160 px: at 320 px a teacher step is 4x longer and the pair "
+                                   "needs about 8 CPU hours", "--kd-set new,box=distribution compares KD-DETR's box "
+                                   "term on decoded boxes with the edge-distribution term"]),
     "detr": PairPlan("detr", "kd-detr", "detr-mobilenet-v2", "detr-mobilenet-v2-small", "bccd", imgsz=320,
                      batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True, student_imagenet=True,
                      teacher_lr=2e-4, student_lr=2e-4, eval_every=10,
@@ -330,7 +333,8 @@ FULL = {
     "detr-fcos-synth": replace(SMALL["detr-fcos-synth"], imgsz=320, teacher_epochs=100, student_epochs=24),
     "fcos-detr-synth": replace(SMALL["fcos-detr-synth"], imgsz=320, teacher_epochs=24, student_epochs=50),
     "rfdetr-synth": replace(SMALL["rfdetr-synth"], imgsz=384, teacher_epochs=100, student_epochs=50),
-    "dfine-synth": replace(SMALL["dfine-synth"], imgsz=640, teacher_epochs=72, student_epochs=36),
+    "dfine-synth": replace(SMALL["dfine-synth"], imgsz=640, teacher_epochs=72, student_epochs=36, student_config={},
+                           synth_images=600),
 }
 
 
