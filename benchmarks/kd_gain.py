@@ -225,6 +225,7 @@ class PairPlan:
     teacher_pair: str | None = None  # reuse the teacher of this pair (trained first if it does not exist yet)
     recipe: str | None = None  # a recipe (preset or TOML file) for the student runs (--recipe)
     student_config: dict[str, Any] = field(default_factory=dict)  # preset config overrides of the student
+    teacher_config: dict[str, Any] = field(default_factory=dict)  # ... and of the teacher (drawn with torch seed 0)
     notes: list[str] = field(default_factory=list)
 
 
@@ -289,8 +290,8 @@ SMALL = {  # CPU plans (--small); the dab-detr-synth results in results/ ran wit
                                    "HGNetv2 weights offline)", "the rtdetr recipe (EMA, augmentation) with AdamW lr "
                                    "2e-4 and the backbone at the full lr (a from-scratch backbone), as rtdetr-synth",
                                    "data: rtdetr-synth's 400 synthetic images of 1-3 shapes of 24 px or more (320 "
-                                   "train / 80 val), 160 px: at 320 px a teacher step is 4x longer and the pair "
-                                   "needs about 8 CPU hours", "--kd-set new,box=distribution compares KD-DETR's box "
+                                   "train / 80 val), 160 px: at 320 px the steps are about 4x longer and the pair "
+                                   "would take about 16 CPU hours", "--kd-set new,box=distribution compares KD-DETR's box "
                                    "term on decoded boxes with the edge-distribution term"]),
     "detr": PairPlan("detr", "kd-detr", "detr-mobilenet-v2", "detr-mobilenet-v2-small", "bccd", imgsz=320,
                      batch_size=4, teacher_epochs=30, student_epochs=15, teacher_imagenet=True, student_imagenet=True,
@@ -442,7 +443,10 @@ def imagenet_init(preset: str, data: Path, work: Path, seed: int = 0) -> str:
 
 
 def teacher_init(plan: PairPlan, data: Path, work: Path) -> str:
-    """The teacher spec to train: the preset itself, or a saved copy with the ImageNet backbone loaded."""
+    """The teacher spec to train: the preset itself, a saved copy with the ImageNet backbone loaded, or a saved copy
+    with the plan's teacher config overrides."""
+    if plan.teacher_config:
+        return config_init(plan.teacher, plan.teacher_config, data, work, 0)
     return imagenet_init(plan.teacher, data, work) if plan.teacher_imagenet else plan.teacher
 
 

@@ -32,8 +32,9 @@ HF_MODEL_TYPES: dict[str, str] = {
 # transformers model_types kdctl refuses, and why (one line each)
 REFUSED_MODEL_TYPES: dict[str, str] = {
     "yolos": "YOLOS cannot take part in KD-DETR (as teacher or student): its ViT encoder has no attention mask, so "
-             "the extra distillation-point tokens would change the image features; no other kdctl KD method "
-             "applies to it yet",
+             "the extra distillation-point tokens would change the image features; prediction distillation "
+             "(--method pred-kd, which needs only the teacher's detections) would apply once kdctl adapts YOLOS, "
+             "which it does not yet",
 }
 
 # torchvision architectures kdctl adapts (builder names in torchvision.models.detection, and kdctl's own builders)
