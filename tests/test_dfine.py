@@ -156,6 +156,10 @@ def test_distribution_term_zero_for_same_model_positive_otherwise(dirs):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student.parameters())
     default = kd(load_detector(dirs["d_fine-b"]).eval(), load_detector(dirs["d_fine"]).train(), b)
     assert set(default) == {"kd_cls", "kd_l1", "kd_giou"} and all(torch.isfinite(v) for v in default.values())
+    student = load_detector(dirs["d_fine"]).train()  # a DEIMv2 teacher, both box terms
+    for box in ("boxes", "distribution"):
+        terms = kd(load_detector(dirs["deimv2"]).eval(), student, b, box=box)
+        assert all(torch.isfinite(v) for v in terms.values()) and float(terms["kd_cls"]) > 0
 
 
 def test_distribution_refused_without_fdr_heads(dirs, tmp_path):
@@ -175,10 +179,11 @@ def test_distribution_refused_without_fdr_heads(dirs, tmp_path):
         KDDETR(load_detector(dirs["d_fine"]), load_detector(dirs["d_fine"]), box="x")
 
 
-def test_onnx_dynamic_batch(tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_dynamic_batch(tmp_path, arch):
     """The graph (pixel_values only, square input) computes the model's outputs at another batch size; queries whose
     encoder score ties another position's are left out (onnxruntime may break the tie differently)."""
-    assert_onnx_dynamic_batch(load_detector(build("d_fine", tmp_path / "rich", seed=4, rich=True)), tmp_path / "m.onnx")
+    assert_onnx_dynamic_batch(load_detector(build(arch, tmp_path / "rich", seed=4, rich=True)), tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize(("preset", "millions"), [("dfine-n", 3.73), ("deimv2-atto", 0.49)])

@@ -281,3 +281,18 @@ def test_license_from_card_or_config(dirs, tmp_path):
     (local / "README.md").write_text("---\nlicense: other\nlicense_name: pml-1.0\ntags: [object-detection]\n---\n# m\n")
     assert checkpoint_license(local) == "other (pml-1.0)"  # the card wins
     assert inspect_model(str(local), as_json=True)["license"] == "other (pml-1.0)"
+
+
+def test_lw_family_and_rt_family_do_not_pair(dirs, tmp_path):
+    """LW-DETR / RF-DETR content is per slot, RT-DETR / D-FINE / DEIMv2 content comes from the encoder's top-k
+    proposals: KD-DETR refuses the pairing either way in one line, naming both query kinds."""
+    from test_dfine import build as build_dfine
+
+    dfine = load_detector(build_dfine("d_fine", tmp_path / "dfine"))
+    lw = load_detector(dirs["lw_detr"])
+    for teacher, student in ((lw, dfine), (dfine, lw)):
+        with pytest.raises(KdctlError, match=r"uses \w+ queries and student .* queries; distillation points cannot "
+                                             r"be shared") as e:
+            KDDETR(teacher, student)
+        assert "\n" not in str(e.value)
+        assert teacher.variant.query_kind != student.variant.query_kind
