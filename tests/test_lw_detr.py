@@ -145,9 +145,10 @@ def test_kd_zero_for_identical_weights_and_gradients(dirs):
     assert float(student.model.model.query_feat.weight.grad[:10].abs().sum()) > 0
 
 
-def test_kd_lw_teacher_rf_student(dirs):
-    """Different backbones, widths and depths: boxes are shared, contents are each model's own."""
-    teacher, student = load_detector(dirs["lw_detr-big"]), load_detector(dirs["rf_detr"])
+@pytest.mark.parametrize(("t_name", "s_name"), [("lw_detr-big", "rf_detr"), ("rf_detr", "lw_detr-1")])
+def test_kd_across_lw_and_rf(dirs, t_name, s_name):
+    """Different backbones, widths and depths, either way round: boxes are shared, contents are each model's own."""
+    teacher, student = load_detector(dirs[t_name]), load_detector(dirs[s_name])
     teacher.eval()
     student.train()
     b = batch()
@@ -156,6 +157,8 @@ def test_kd_lw_teacher_rf_student(dirs):
         t = kd.teacher_taps(b)
     terms = kd(student.forward_train(b), t, b)
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["kd_cls"]) > 0
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_box_general_points():
