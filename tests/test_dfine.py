@@ -263,3 +263,13 @@ def test_deimv2_dinov3_backbone(tmp_path):
     assert type(backbone_module(det.model)).__name__ == "DINOv3ViTBackbone"
     assert freeze_backbone_stages(det.model, 1) == sum(
         p.numel() for n, p in backbone_module(det.model).named_parameters() if n.startswith("embeddings."))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_student_setup_keeps_a_real_time_presets_query_count(dirs, arch):
+    """Queries from the encoder's top-k: a preset student keeps its published count (DEIMv2-Atto's 100 stay 100
+    under a 300-query teacher); only the label space is the teacher's."""
+    teacher = load_detector(dirs[arch])
+    assert teacher.queries_image_dependent
+    names, over = KDDETR.student_setup(teacher, ["c", "a"])
+    assert names == NAMES and over == {}

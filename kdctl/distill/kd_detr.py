@@ -207,8 +207,13 @@ class KDDETR(Distiller):
     @classmethod
     def student_setup(cls, teacher: Detector, dataset_names: list[str]) -> tuple[list[str], dict[str, Any]]:
         """The student takes the teacher's label space (a checkpoint labelled otherwise gets a new head, rows of
-        shared classes kept); a preset student also takes the teacher's query count."""
-        return list(teacher.label_names), {"num_queries": int(teacher.num_queries)}  # type: ignore[attr-defined]
+        shared classes kept). A preset student with learned queries (DETR, Conditional, DAB, one-stage Deformable)
+        also takes the teacher's query count, as the reference trains both at 300; one whose queries are its own
+        encoder's top-k (RT-DETR, D-FINE, DEIMv2, LW-DETR, RF-DETR, two-stage Deformable) keeps its published count
+        (DEIMv2-Atto's 100 queries are part of its speed), since the teacher's points are decoded apart from it."""
+        image_dependent = bool(teacher.queries_image_dependent)  # type: ignore[attr-defined]
+        over = {} if image_dependent else {"num_queries": int(teacher.num_queries)}  # type: ignore[attr-defined]
+        return list(teacher.label_names), over
 
     # ------------------------------------------------------------------ teacher side
     @torch.no_grad()

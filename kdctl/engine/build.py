@@ -188,8 +188,8 @@ def build_student(cfg: RunConfig, source: Any, names: list[str], overrides: dict
 
 
 def student_overrides(cfg: RunConfig, student_r: Any, last: Path | None, method_over: dict[str, Any]) -> dict[str, Any]:
-    """Preset values the student is built with: the method's (e.g. KD-DETR: the teacher's query count) and
-    ``--backbone-weights``, for students built from presets only."""
+    """Preset values the student is built with: the method's (e.g. KD-DETR with learned queries: the teacher's
+    query count) and ``--backbone-weights``, for students built from presets only."""
     fresh = last is None and student_r.kind == "preset"
     over = dict(method_over) if fresh else {}
     if cfg.backbone_weights and fresh:
