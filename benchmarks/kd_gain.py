@@ -463,6 +463,12 @@ def student_init(plan: PairPlan, data: Path, work: Path, seed: int) -> str:
     return imagenet_init(plan.student, data, work, seed) if plan.student_imagenet else plan.student
 
 
+def recipe_settings(path: Path) -> str:
+    """A recipe file's settings on one line, without its comments: ``base = "cnn"; [optim] clip_grad = 35.0``."""
+    lines = (ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines())
+    return "; ".join(ln for ln in lines if ln).replace("]; ", "] ")
+
+
 def config_init(preset: str, config: dict[str, Any], data: Path, work: Path, seed: int) -> str:
     """A saved copy of ``preset`` for the data's classes with ``config`` overriding the preset's config values."""
     import torch
@@ -1247,7 +1253,7 @@ def plans(args: argparse.Namespace) -> list[PairPlan]:
             recipe = Path(args.recipe).resolve()
             plan = replace(plan, pair=f"{plan.pair}-{recipe.stem}", teacher_pair=plan.teacher_pair or plan.pair,
                            recipe=str(recipe), notes=[*plan.notes, f"students under the recipe {recipe.name} "
-                                                      f"({recipe.read_text().strip()!r}); the teacher is the "
+                                                      f"({recipe_settings(recipe)}); the teacher is the "
                                                       f"{plan.teacher_pair or plan.pair} pair's"])
         out.append(plan)
     return out
