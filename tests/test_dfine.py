@@ -186,14 +186,17 @@ def test_onnx_dynamic_batch(tmp_path, arch):
     assert_onnx_dynamic_batch(load_detector(build(arch, tmp_path / "rich", seed=4, rich=True)), tmp_path / "m.onnx")
 
 
-@pytest.mark.parametrize(("preset", "millions"), [("dfine-n", 3.73), ("deimv2-atto", 0.49)])
-def test_presets_published_sizes(preset, millions):
-    """The presets build the published architectures (D-FINE-N 4 M parameters, DEIMv2-Atto 0.5 M, with 80 classes;
-    here 3 classes)."""
+@pytest.mark.parametrize(("preset", "millions", "layers"), [("dfine-n", 3.73, 3), ("dfine-s", 10.22, 3),
+                                                       ("dfine-m", 19.47, 4), ("deimv2-atto", 0.49, 3),
+                                                       ("deimv2-s", 10.48, 3)])
+def test_presets_published_sizes(preset, millions, layers):
+    """The presets build the published architectures: with 80 classes D-FINE-N / S / M have 3.78 / 10.32 / 19.59 M
+    parameters (published 4 / 10 / 19 M), DEIMv2-Atto 0.51 M (0.5 M) and DEIMv2-S on HGNetv2 10.58 M (the
+    released S uses a DINOv3 backbone instead); here with 3 classes."""
     det = load_detector(preset, label_names=NAMES, pretrained_backbone=False)
     n = sum(p.numel() for p in det.model.parameters()) / 1e6
     assert n == pytest.approx(millions, abs=0.03)
-    assert det.model.config.decoder_layers == 3 and det.variant.recipe == "rtdetr"
+    assert det.model.config.decoder_layers == layers and det.variant.recipe == "rtdetr"
 
 
 def test_yolos_is_refused_in_one_line(tmp_path):
