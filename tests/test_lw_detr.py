@@ -298,4 +298,5 @@ def test_lw_family_and_rt_family_do_not_pair(dirs, tmp_path):
                                              r"be shared") as e:
             KDDETR(teacher, student)
         assert "\n" not in str(e.value)
-        assert teacher.variant.query_kind != student.variant.query_kind
+        assert f"uses {teacher.query_kind} queries" in str(e.value) and f"{student.query_kind} queries;" in str(e.value)
+    assert {lw.query_kind, dfine.query_kind} == {"box", "proposal"}
