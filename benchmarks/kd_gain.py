@@ -582,6 +582,8 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
     resume = args.reuse and (done / "last" / "trainer.pt").is_file()  # an unfinished run (e.g. killed): continue it
     if resume:
         log(f"{plan.pair} {name}: resuming the unfinished run {done}")
+    elif args.reuse and done.is_dir():
+        set_aside(done)
     t0 = time.perf_counter()
     with _old_binary_kl(task == "distill" and kd_set == "old" and plan.method == "kd-detr"):
         r = train(resume=done) if resume else train(cfg)
@@ -596,6 +598,23 @@ def run_one(task: str, model: str, plan: PairPlan, data: Path, args: argparse.Na
     log(f"{plan.pair} {name}: AP {out['AP']:.1f} AP50 {out['AP50']:.1f} ({secs:.0f}s, {r.step_time:.3f}s/step, "
         f"{r.steps} steps, method {r.method})")
     return out
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move an unfinished run that left nothing to resume from (killed before its first checkpoint) to
+    ``NAME.unfinished-K``, so that the new run takes its exact name and a later ``--reuse`` finds it (otherwise the
+    engine numbers the new run ``NAME2``, which ``--reuse`` never looks for). Nothing is deleted; a run still in
+    use by another process is refused (its lock)."""
+    from kdctl.engine.runlock import RunLock
+
+    with RunLock(run_dir):  # raises if a live process holds it
+        pass
+    k = 1
+    while (dest := run_dir.with_name(f"{run_dir.name}.unfinished-{k}")).exists():
+        k += 1
+    run_dir.rename(dest)
+    log(f"{run_dir.name}: the unfinished run there has no checkpoint to resume; moved to {dest.name}")
+    return dest
 
 
 def finished(run_dir: Path) -> bool:

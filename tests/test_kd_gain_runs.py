@@ -79,3 +79,23 @@ def test_seed_from_takes_the_last_seeds_only():
     for bad in ("3", "-1"):
         with pytest.raises(SystemExit):
             kd_gain.parse_args(["--small", "--pair", "fcos", "--seeds", "3", "--seed-from", bad])
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_set_aside_not_shadowed(tmp_path):
+    """A stub (config and logs, no last/trainer.pt) would make the engine number the new run NAME2, which --reuse
+    never finds; set_aside moves it to NAME.unfinished-K (nothing deleted) and refuses a run another process holds."""
+    from kdctl.engine.runlock import RunLock
+    from kdctl.errors import KdctlError
+
+    stub = tmp_path / "student-kd-new-s1"
+    stub.mkdir()
+    (stub / "config.toml").write_text("task = \"distill\"\n")
+    moved = kd_gain.set_aside(stub)
+    assert moved.name == "student-kd-new-s1.unfinished-1" and (moved / "config.toml").is_file()
+    assert not stub.exists()
+    stub.mkdir()
+    assert kd_gain.set_aside(stub).name == "student-kd-new-s1.unfinished-2"
+    stub.mkdir()
+    with RunLock(stub), pytest.raises(KdctlError, match="in use"):
+        kd_gain.set_aside(stub)
+    assert stub.is_dir()
