@@ -560,6 +560,33 @@ def test_engine_distill_run(tmp_path):
     assert any(k.startswith("glore_teacher.") for k in state) and any(".filter." in k for k in state)
 
 
+@pytest.mark.parametrize("student_preset,recipe", [("retinanet-r18-fpn", "cnn"), ("fasterrcnn-r18-fpn", "retinanet")])
+def test_default_weights_follow_the_student_whatever_the_recipe(tmp_path, student_preset, recipe):
+    """A recipe made for another architecture (an FCOS / RetinaNet student on --recipe cnn, a Faster R-CNN student on
+    --recipe retinanet) does not hand the student that architecture's DRKD weights; an explicit value still wins."""
+    from kdctl.data.synth import CLASSES, synthesize
+    from kdctl.engine.config import RunConfig
+    from kdctl.engine.trainer import Trainer
+    from kdctl.models.cnn.architectures import architecture_of
+
+    synthesize(tmp_path / "data", 4, seed=0)
+    torch.manual_seed(0)
+    models = {}
+    for role, preset in (("teacher", "fasterrcnn-r18-fpn"), ("student", student_preset)):
+        m = load_detector(preset, label_names=list(CLASSES), pretrained_backbone=False,
+                          overrides={"fpn_channels": 16, **TINY[preset]})
+        models[role] = str(m.save(tmp_path / role))
+    expected = architecture_of(student_preset).drkd_weights
+    for kd, want in (({}, expected), ({"drkd": {"relation": 0.5}}, (expected[0], 0.5, expected[2]))):
+        cfg = RunConfig(task="distill", teacher=models["teacher"], model=models["student"], data=str(tmp_path / "data"),
+                        max_steps=1, batch_size=2, imgsz=64, device="cpu", workers=0, quiet=True, recipe=recipe,
+                        output=str(tmp_path / "runs"), kd=kd)
+        trainer = Trainer(cfg)
+        trainer.run()
+        d = trainer.distiller
+        assert (d.w_pixel, d.w_relation, d.w_instance) == want
+
+
 # --------------------------------------------------------------------------- mixed precision
 def test_bf16_autocast_matches_float32(models):
     student, teacher = models["ret16"], models["fr32"]
